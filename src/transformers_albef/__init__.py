@@ -1,0 +1,85 @@
+"""transformers-albef: ALBEF (Align before Fuse, Li et al., NeurIPS 2021) as a first-class transformers model.
+
+Importing the package registers the configurations, models and processors with transformers' Auto classes.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoModelForSequenceClassification,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+    AutoTokenizer,
+    BertTokenizer,
+)
+
+from .configuration_albef import ALBEF_PRESETS, AlbefConfig, AlbefTextConfig, AlbefVisionConfig
+from .grounding import AlbefGradCamOutput
+from .image_processing_albef import AlbefImageProcessor
+from .modeling_albef import (
+    AlbefClassifierOutput,
+    AlbefForPreTraining,
+    AlbefForRetrieval,
+    AlbefForTextAssignment,
+    AlbefForVisualEntailment,
+    AlbefForVisualReasoning,
+    AlbefModel,
+    AlbefOutput,
+)
+from .modeling_albef_base import AlbefPreTrainedModel
+from .modeling_albef_text import AlbefTextModel
+from .modeling_albef_vision import AlbefVisionModel
+from .modeling_albef_vqa import AlbefAnswerRanking, AlbefForQuestionAnswering, AlbefQuestionAnsweringOutput
+from .objectives import mask_tokens
+from .processing_albef import AlbefProcessor, pre_caption, pre_question
+
+__version__ = "0.1.0"
+
+
+def _register():
+    for config in (AlbefConfig, AlbefTextConfig, AlbefVisionConfig):
+        AutoConfig.register(config.model_type, config, exist_ok=True)
+    AutoModel.register(AlbefConfig, AlbefModel, exist_ok=True)
+    AutoModel.register(AlbefTextConfig, AlbefTextModel, exist_ok=True)
+    AutoModel.register(AlbefVisionConfig, AlbefVisionModel, exist_ok=True)
+    AutoModelForPreTraining.register(AlbefConfig, AlbefForPreTraining, exist_ok=True)
+    AutoModelForZeroShotImageClassification.register(AlbefConfig, AlbefModel, exist_ok=True)
+    AutoModelForSequenceClassification.register(AlbefConfig, AlbefForVisualEntailment, exist_ok=True)
+    # One exact (PIL) implementation serves both backends: torchvision resizing differs from the original's.
+    AutoImageProcessor.register(
+        AlbefConfig, image_processor_classes={"pil": AlbefImageProcessor, "torchvision": AlbefImageProcessor}, exist_ok=True
+    )
+    AutoProcessor.register(AlbefConfig, AlbefProcessor, exist_ok=True)
+    AutoTokenizer.register(AlbefConfig, slow_tokenizer_class=BertTokenizer, exist_ok=True)
+
+
+_register()
+
+__all__ = [
+    "ALBEF_PRESETS",
+    "AlbefAnswerRanking",
+    "AlbefClassifierOutput",
+    "AlbefConfig",
+    "AlbefForPreTraining",
+    "AlbefForQuestionAnswering",
+    "AlbefForRetrieval",
+    "AlbefForTextAssignment",
+    "AlbefForVisualEntailment",
+    "AlbefForVisualReasoning",
+    "AlbefGradCamOutput",
+    "AlbefImageProcessor",
+    "AlbefModel",
+    "AlbefOutput",
+    "AlbefPreTrainedModel",
+    "AlbefProcessor",
+    "AlbefQuestionAnsweringOutput",
+    "AlbefTextConfig",
+    "AlbefTextModel",
+    "AlbefVisionConfig",
+    "AlbefVisionModel",
+    "mask_tokens",
+    "pre_caption",
+    "pre_question",
+]

@@ -1,0 +1,78 @@
+"""Pieces shared by every ALBEF module: the eager attention kernel and the `PreTrainedModel` base class."""
+
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+
+from .configuration_albef import AlbefConfig
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scaling + mask) v, on (batch, heads, length, head_dim) inputs; returns (B, T, H, D) and the
+    attention probabilities, which Grad-CAM differentiates through (so they are the tensor used in the product)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1)
+    dropped = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(dropped, value).transpose(1, 2).contiguous()
+    return output, probs
+
+
+class AlbefPreTrainedModel(PreTrainedModel):
+    config: AlbefConfig
+    base_model_prefix = "albef"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AlbefVisionLayer", "AlbefTextLayer", "AlbefTextEmbeddings", "AlbefVisionEmbeddings"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # Momentum towers and queues are training state: an inference head loads a training checkpoint silently.
+    _keys_to_ignore_on_load_unexpected = [r"^momentum\."]
+
+    @classmethod
+    def from_original(cls, checkpoint, config: AlbefConfig | None = None, image_size: int | None = None):
+        """Build this head from an original salesforce/ALBEF checkpoint (a path or a state dict, in any released
+        format). Without `config` the standard configuration of the checkpoint's kind is built from its shapes;
+        `image_size` converts to another resolution (position embeddings interpolated bicubically). The key report
+        is kept on `model.conversion_report`."""
+        from .conversion import from_original
+
+        return from_original(cls, checkpoint, config=config, image_size=image_size)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # Imported here: the towers import this module.
+        from .modeling_albef_text import AlbefPredictionHead, AlbefTextEmbeddings
+        from .modeling_albef_vision import AlbefVisionEmbeddings
+
+        if isinstance(module, AlbefVisionEmbeddings):
+            std = module.config.initializer_range
+            init.trunc_normal_(module.cls_token, std=std)
+            init.trunc_normal_(module.position_embeddings, std=std)
+        elif isinstance(module, AlbefTextEmbeddings):
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+        elif isinstance(module, AlbefPredictionHead):
+            init.zeros_(module.bias)
+        if isinstance(getattr(module, "temp", None), nn.Parameter):
+            init.constant_(module.temp, self.config.temp)
+        if isinstance(getattr(module, "image_queue", None), torch.Tensor):
+            init.copy_(module.image_queue, nn.functional.normalize(torch.randn_like(module.image_queue), dim=0))
+            init.copy_(module.text_queue, nn.functional.normalize(torch.randn_like(module.text_queue), dim=0))
+            init.zeros_(module.queue_ptr)
+            if hasattr(module, "idx_queue"):
+                init.constant_(module.idx_queue, -100)

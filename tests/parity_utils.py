@@ -1,0 +1,107 @@
+"""Loading the reference fixtures (produced by the original salesforce/ALBEF code) and comparing against them."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from transformers_albef import AlbefConfig
+
+from .conftest import FIXTURES
+
+TINY = FIXTURES / "tiny"
+TWO_IMAGE_KINDS = ("nlvr", "pretrain_nlvr")
+
+
+def load_fixture(kind: str):
+    folder = TINY / kind
+    meta = json.loads((folder / "meta.json").read_text())
+    return folder, load_file(folder / "inputs.safetensors"), load_file(folder / "outputs.safetensors"), meta
+
+
+def tiny_config(meta: dict, kind: str, **overrides) -> AlbefConfig:
+    """The fixture's tiny configuration (meta.json) as an AlbefConfig."""
+    bert, vit, cfg = meta["bert_config"], meta["vit_config"], meta["config"]
+    text = {
+        key: bert[key]
+        for key in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "fusion_layer", "num_attention_heads",
+            "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
+            "hidden_dropout_prob", "attention_probs_dropout_prob",
+        )
+    }
+    if kind in TWO_IMAGE_KINDS:
+        text.update(num_fused_images=2, share_cross_attention_kv=True)
+    vision = {
+        "hidden_size": vit["embed_dim"],
+        "num_hidden_layers": vit["depth"],
+        "num_attention_heads": vit["num_heads"],
+        "intermediate_size": vit["embed_dim"] * vit["mlp_ratio"],
+        "image_size": vit["img_size"],
+        "patch_size": vit["patch_size"],
+    }
+    settings = {
+        "embed_dim": cfg["embed_dim"],
+        "temp": cfg["temp"],
+        "queue_size": cfg["queue_size"],
+        "momentum": cfg["momentum"],
+        "alpha": cfg["alpha"],
+        "retrieval_k": cfg["k_test"],
+        "decoder_num_hidden_layers": bert.get("decoder", {}).get("num_hidden_layers", 6),
+    }
+    settings.update(overrides)
+    return AlbefConfig(text_config=text, vision_config=vision, **settings)
+
+
+def max_diff(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    assert got.shape == want.shape, f"shape {tuple(got.shape)} != reference {tuple(want.shape)}"
+    diff = (got.detach().float() - want.float()).abs()
+    if mask is not None:
+        diff = diff[mask.bool()]
+    return float(diff.max())
+
+
+def assert_close(got, want, atol: float, mask=None, name: str = ""):
+    diff = max_diff(got, want, mask)
+    assert diff <= atol, f"{name}: max abs diff {diff:.3g} > {atol}"
+    return diff
+
+
+# Names of the momentum state in the original checkpoints -> this port (for the `after_step.*` outputs).
+AFTER_STEP_NAMES = {
+    "image_queue": "momentum.image_queue",
+    "text_queue": "momentum.text_queue",
+    "idx_queue": "momentum.idx_queue",
+    "queue_ptr": "momentum.queue_ptr",
+    "temp": "temp",
+    "visual_encoder_m.cls_token": "momentum.vision_model.embeddings.cls_token",
+    "visual_encoder_m.pos_embed": "momentum.vision_model.embeddings.position_embeddings",
+    "vision_proj_m.weight": "momentum.vision_proj.weight",
+    "text_proj_m.weight": "momentum.text_proj.weight",
+    "text_proj_m.bias": "momentum.text_proj.bias",
+    "text_encoder_m.bert.embeddings.word_embeddings.weight": "momentum.text_model.embeddings.word_embeddings.weight",
+    "text_encoder_m.embeddings.word_embeddings.weight": "momentum.text_model.embeddings.word_embeddings.weight",
+    "text_encoder_m.cls.predictions.bias": "momentum.mlm_head.bias",
+    "text_decoder_m.cls.predictions.bias": "momentum.lm_head.bias",
+    "text_decoder_m.bert.encoder.layer.0.crossattention.self.query.weight":
+        "momentum.text_decoder.encoder.layer.0.crossattention.self.query.weight",
+    "cls_head_m.2.weight": "momentum.classifier.2.weight",
+    "text_encoder_m.encoder.layer.3.crossattention.self.key.weight":
+        "momentum.text_model.encoder.layer.3.crossattention.self.key.weight",
+}
+
+
+def assert_after_step(model, outputs: dict, atol: float):
+    state = model.state_dict()
+    checked = 0
+    for name, want in outputs.items():
+        if not name.startswith("after_step."):
+            continue
+        key = AFTER_STEP_NAMES[name[len("after_step."):]]
+        got = state[key]
+        if want.dtype.is_floating_point:
+            assert_close(got, want, atol, name=name)
+        else:
+            assert torch.equal(got.cpu(), want), name
+        checked += 1
+    assert checked
