@@ -126,31 +126,6 @@ class AlbefModel(AlbefPreTrainedModel):
             image_ids=self.momentum_image_ids,
         )
 
-    def init_momentum(self):
-        """Create the momentum towers (copies of the current weights) and queues, for training with distillation."""
-        self.config.distill = True
-        self.momentum = self._new_momentum().to(self.temp.device if hasattr(self, "temp") else self.device)
-        self.momentum.copy_from(self)
-        return self
-
-    def _require_momentum(self):
-        if self.momentum is None:
-            raise ValueError(
-                f"{type(self).__name__} has no momentum towers/queues (config.distill=False). Training with "
-                "return_loss=True needs them: call model.init_momentum() first, or load with distill=True."
-            )
-        return self.momentum
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        momentum = getattr(model, "momentum", None)
-        if momentum is not None and any(k.startswith("momentum.") and "queue" not in k for k in info["missing_keys"]):
-            logger.info("The checkpoint has no momentum towers: starting them from the loaded weights.")
-            momentum.copy_from(model)
-        return (model, info) if want_info else model
-
     # ----- towers --------------------------------------------------------------------------------------------------
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised ITC image embeddings, (batch, embed_dim)."""
@@ -401,7 +376,7 @@ class AlbefForPreTraining(AlbefForRetrieval):
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        return_loss: bool = True,
+        return_loss: bool = False,
         masked_input_ids: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         alpha: float | None = None,
@@ -409,6 +384,8 @@ class AlbefForPreTraining(AlbefForRetrieval):
         **kwargs,
     ) -> AlbefOutput:
         r"""
+        return_loss (`bool`): the training forward (all three losses; updates the momentum towers and queues).
+            Otherwise this is `AlbefForRetrieval.forward` (ITC similarities, `use_itm_head=True` for ITM).
         masked_input_ids / mlm_labels: the MLM inputs and targets (-100 = not predicted); when omitted, `input_ids`
             are masked here with the original 15% / 80-10-10 rule (`objectives.mask_tokens`).
         alpha (`float`): distillation weight for ITC and MLM, defaults to `config.alpha`.
@@ -469,10 +446,6 @@ class _AlbefClassifier(AlbefPreTrainedModel):
         self.post_init()
         if self.momentum is not None:
             self.momentum.copy_from(self)
-
-    init_momentum = AlbefModel.init_momentum
-    _require_momentum = AlbefModel._require_momentum
-    from_pretrained = AlbefModel.from_pretrained
 
     def _new_momentum(self) -> AlbefMomentum:
         return AlbefMomentum(self, self.momentum_module_names, momentum=self.config.momentum)

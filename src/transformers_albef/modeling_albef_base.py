@@ -4,9 +4,12 @@
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.utils import logging
 from transformers import initialization as init
 
 from .configuration_albef import AlbefConfig
+
+logger = logging.get_logger(__name__)
 
 
 def eager_attention_forward(
@@ -42,6 +45,35 @@ class AlbefPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # Momentum towers and queues are training state: an inference head loads a training checkpoint silently.
     _keys_to_ignore_on_load_unexpected = [r"^momentum\."]
+
+    # Training state (momentum.py): heads that train with distillation set `self.momentum` in their __init__ (None
+    # when `config.distill` is off) and build it in `_new_momentum`.
+    def init_momentum(self):
+        """Create the momentum towers (copies of the current weights) and queues, for training with distillation."""
+        self.config.distill = True
+        self.momentum = self._new_momentum().to(self.device)
+        self.momentum.copy_from(self)
+        return self
+
+    def _require_momentum(self):
+        if getattr(self, "momentum", None) is None:
+            raise ValueError(
+                f"{type(self).__name__} has no momentum towers/queues (config.distill=False). Training with "
+                "return_loss=True needs them: call model.init_momentum() first, or load with distill=True."
+            )
+        return self.momentum
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        momentum = getattr(model, "momentum", None)
+        if momentum is not None:
+            momentum.requires_grad_(False)  # loading re-creates the parameters
+        if momentum is not None and any(k.startswith("momentum.") and "queue" not in k for k in info["missing_keys"]):
+            logger.info("The checkpoint has no momentum towers: starting them from the loaded weights.")
+            momentum.copy_from(model)
+        return (model, info) if want_info else model
 
     @classmethod
     def from_original(cls, checkpoint, config: AlbefConfig | None = None, image_size: int | None = None):

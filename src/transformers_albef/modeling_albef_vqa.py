@@ -11,7 +11,7 @@ from transformers.utils import ModelOutput
 
 from . import objectives
 from .configuration_albef import AlbefConfig
-from .modeling_albef import AlbefModel, _check_pairs
+from .modeling_albef import _check_pairs
 from .modeling_albef_base import AlbefPreTrainedModel
 from .modeling_albef_text import AlbefPredictionHead, AlbefTextModel
 from .modeling_albef_vision import AlbefVisionModel
@@ -63,10 +63,6 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel):
         self.post_init()
         if self.momentum is not None:
             self.momentum.copy_from(self)
-
-    init_momentum = AlbefModel.init_momentum
-    _require_momentum = AlbefModel._require_momentum
-    from_pretrained = AlbefModel.from_pretrained
 
     def _new_momentum(self) -> AlbefMomentum:
         return AlbefMomentum(self, self.momentum_module_names, momentum=self.config.momentum)
