@@ -117,8 +117,9 @@ def test_config_from_full_size_keys_is_the_preset(name):
     state_dict = full_size_state_dict(name)
     kind = FULL_KINDS[name]
     config = config_from_state_dict(state_dict, kind)
-    preset = {"retrieval": name if name.startswith("retrieval") else "grounding"}.get(kind, kind)
-    expected = AlbefConfig.from_preset(preset, distill=config.distill, retrieval_k=config.retrieval_k)
+    # Shapes cannot tell COCO from Flickr30K (retrieval_k) nor grounding from retrieval: compare without it.
+    preset = {"retrieval": "retrieval_coco"}.get(kind, kind)
+    expected = AlbefConfig.from_preset(preset, distill=config.distill)
     assert config.to_dict() == expected.to_dict()
     # The training state of every released kind except text assignment carries momentum towers.
     assert config.distill == (kind != "text_assignment")
@@ -238,7 +239,7 @@ def test_matches_original_loading(fixture, target):
         if key.endswith("position_ids"):
             continue
         if key in meta["unexpected_keys"]:  # the original model ignores it too
-            assert not any(source == key for source in report.sources.values()) or target == "vqa"
+            assert key in report.skipped
             continue
         new_key = rename_key(key)
         parts = [new_key] if "{}" not in new_key else [new_key.format(name) for name in conversion.FUSED_SPLITS]
@@ -350,7 +351,7 @@ def test_malicious_pickle_is_refused(tmp_path, writer):
     if writer == "torch":
         torch.save(payload, path)
     else:
-        path.write_bytes(pickle.dumps(payload))
+        path.write_bytes(pickle.dumps(payload, protocol=2))
     with pytest.raises(ValueError, match="arbitrary unpickling"):
         load_original_checkpoint(path)
     assert not marker.exists()

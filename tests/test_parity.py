@@ -79,6 +79,7 @@ def test_pretrain_train_step():
         inputs["pixel_values_train"],
         inputs["input_ids"],
         inputs["attention_mask"],
+        return_loss=True,
         masked_input_ids=inputs["masked_input_ids"],
         mlm_labels=inputs["mlm_labels"],
         alpha=float(inputs["alpha"]),
