@@ -177,6 +177,30 @@ def test_every_full_size_conversion(name):
         assert f"text_model.encoder.layer.{layers}.output.dense.weight" not in converted
 
 
+def test_from_original_builds_the_config_and_interpolates():
+    path = TINY / "pretrain" / "checkpoint.pth"
+    model = transformers_albef.AlbefForRetrieval.from_original(path, image_size=48)
+    assert model.config.vision_config.image_size == 48 and model.config.distill
+    outputs = load_file(TINY / "retrieval_from_pretrain" / "outputs.safetensors")
+    got = model.vision_model.embeddings.position_embeddings.detach()
+    assert (got - outputs["interpolated_pos_embed"]).abs().max() <= 1e-6
+    assert model.conversion_report.missing == ["momentum.idx_queue"]
+
+
+@pytest.mark.parametrize("folder", ["pretrain_nlvr", "retrieval"])
+def test_momentum_towers_start_from_loaded_weights(folder):
+    """A checkpoint without momentum towers, loaded with distill=True: the towers copy the loaded weights (NLVR.py
+    copies before loading and leaves them at their initialisation; LAVIS fixes that)."""
+    state_dict = tiny_state_dict(folder)
+    target = "nlvr" if folder == "pretrain_nlvr" else "retrieval"
+    model = from_original(HEADS[target], state_dict, config=tiny_config(state_dict, target, distill=True))
+    assert "momentum.vision_model" in model.conversion_report.new_components
+    for name, tensor in model.momentum.vision_model.state_dict().items():
+        assert torch.equal(tensor, model.vision_model.state_dict()[name]), name
+    key = "text_model.encoder.layer.3.crossattention.self.key.weight"
+    assert torch.equal(model.momentum.state_dict()[key], model.state_dict()[key])
+
+
 def test_released_flat_checkpoint_without_momentum():
     """mscoco.pth-like: flat, no momentum towers, no queues; nothing is missing for inference."""
     state_dict = tiny_state_dict("retrieval")

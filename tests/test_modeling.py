@@ -124,7 +124,7 @@ def test_gradient_checkpointing_same_gradients():
     torch.manual_seed(1)
     want = _grads(model, batch)
     model.load_state_dict(state)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in model.text_model.encoder.layer)
     assert all(layer.gradient_checkpointing for layer in model.vision_model.layers)
     torch.manual_seed(1)

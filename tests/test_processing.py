@@ -23,7 +23,7 @@ from transformers_albef.processing_albef import AlbefProcessor, pre_caption, pre
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROCESSING = FIXTURES / "processing"
-VOCAB = FIXTURES / "bert-base-uncased-vocab.txt"
+from transformers_albef.processing_albef import BERT_VOCAB as VOCAB  # noqa: E402  (the real bert-base-uncased vocab)
 CLS, SEP, PAD = 101, 102, 0
 
 CLEANING_CASES = json.loads((PROCESSING / "text_cleaning.json").read_text(encoding="utf-8"))["cases"]

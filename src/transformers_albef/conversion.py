@@ -38,7 +38,8 @@ from .configuration_albef import AlbefConfig
 # (`<part>_m`) of `momentum` and the `buffers` are optional: released fine-tuned checkpoints drop them.
 ORIGINAL_LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "pretrain": {
-        "parts": ("visual_encoder", "text_encoder.bert", "text_encoder.cls", "vision_proj", "text_proj", "itm_head", "temp"),
+        "parts": ("visual_encoder", "text_encoder.bert", "text_encoder.cls", "vision_proj", "text_proj", "itm_head",
+                  "temp"),
         "momentum": ("visual_encoder", "text_encoder.bert", "text_encoder.cls", "vision_proj", "text_proj"),
         "buffers": ("image_queue", "text_queue", "queue_ptr"),
     },
@@ -58,8 +59,16 @@ ORIGINAL_LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
         "momentum": (),
         "buffers": (),
     },
-    "nlvr": {"parts": ("visual_encoder", "text_encoder", "cls_head"), "momentum": ("visual_encoder", "text_encoder", "cls_head"), "buffers": ()},
-    "ve": {"parts": ("visual_encoder", "text_encoder", "cls_head"), "momentum": ("visual_encoder", "text_encoder", "cls_head"), "buffers": ()},
+    "nlvr": {
+        "parts": ("visual_encoder", "text_encoder", "cls_head"),
+        "momentum": ("visual_encoder", "text_encoder", "cls_head"),
+        "buffers": (),
+    },
+    "ve": {
+        "parts": ("visual_encoder", "text_encoder", "cls_head"),
+        "momentum": ("visual_encoder", "text_encoder", "cls_head"),
+        "buffers": (),
+    },
 }
 
 # NLVR2 and SNLI-VE checkpoints have the same parts; their classifiers differ (2 vs 3 classes).
@@ -141,7 +150,10 @@ SKIPPED_KEYS: list[tuple[str, str]] = [
 ]
 
 _MOMENTUM_PART = re.compile(r"(visual_encoder|text_encoder|text_decoder|vision_proj|text_proj|cls_head)_m\.")
-_PART = re.compile(r"(visual_encoder|text_encoder|text_decoder|vision_proj|text_proj|itm_head|ta_head|cls_head)(_m)?\.(?:(bert|cls)\.)?")
+_PART = re.compile(
+    r"(visual_encoder|text_encoder|text_decoder|vision_proj|text_proj|itm_head|ta_head|cls_head)"
+    r"(_m)?\.(?:(bert|cls)\.)?"
+)
 _KEY_RULES = [(re.compile(pattern), replacement) for pattern, replacement in KEY_RULES]
 _SKIPPED_KEYS = [(re.compile(pattern), reason) for pattern, reason in SKIPPED_KEYS]
 
@@ -261,7 +273,9 @@ def load_original_checkpoint(path_or_state_dict) -> dict[str, torch.Tensor]:
     if isinstance(checkpoint, Mapping) and "model" in checkpoint:
         checkpoint = checkpoint["model"]
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f"An ALBEF checkpoint is a state dict or {{'model': state_dict}}, got {type(checkpoint).__name__}")
+        raise ValueError(
+            f"An ALBEF checkpoint is a state dict or {{'model': state_dict}}, got {type(checkpoint).__name__}"
+        )
     not_tensors = [key for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
         raise ValueError(f"Not a state dict: these entries are not tensors: {not_tensors[:10]}")
@@ -292,7 +306,8 @@ def _load_pickle(path: str):
             "safetensors)."
         ) from error
     except (RuntimeError, EOFError, OSError, KeyError, IndexError, ValueError, AttributeError) as error:
-        raise ValueError(f"{path!r} is not a readable PyTorch checkpoint (corrupt or truncated?): {error!r}") from error
+        message = f"{path!r} is not a readable PyTorch checkpoint (corrupt or truncated?): {error!r}"
+        raise ValueError(message) from error
 
 
 def _part(key: str) -> str:
@@ -444,28 +459,22 @@ class _Converted:
     def __init__(self, report: ConversionReport):
         self.tensors: dict[str, torch.Tensor] = {}
         self.report = report
-        self.dropped: dict[str, str] = {}  # original key -> reason its last output was dropped
+        self.dropped: dict[str, str] = {}  # original key -> why its last output was dropped
 
     def put(self, key: str, tensor: torch.Tensor, source: str, created: str | None = None):
         self.tensors[key] = tensor
         self.report.sources[key] = source
         if created:
-            self.report.created[key] = created
+            self.report.created[key] = f"{created} (from {source})"
 
-    def copy(self, key: str, new_key: str, how: str):
-        self.put(new_key, self.tensors[key].clone(), self.report.sources[key], f"{how} (from {self.report.sources[key]})")
-
-    def move(self, key: str, new_key: str, how: str):
-        self.copy(key, new_key, how)
-        self.drop(key, None)
-
-    def drop(self, key: str, reason: str | None):
-        del self.tensors[key]
+    def pop(self, key: str, reason: str | None = None) -> tuple[torch.Tensor, str]:
+        """Remove `key`; `reason` explains it in the report if no other output of the original key is kept."""
         source = self.report.sources.pop(key)
         self.report.created.pop(key, None)
         self.report.transformed.pop(key, None)
         if reason:
             self.dropped[source] = reason
+        return self.tensors.pop(key), source
 
 
 def rename_key(key: str) -> str | None:
@@ -504,51 +513,51 @@ def _rename(state_dict: Mapping[str, torch.Tensor], converted: _Converted):
 _TEXT_LAYER = re.compile(r"((?:momentum\.)?text_model\.)encoder\.layer\.(\d+)\.(.+)")
 
 
-def _text_fusion_layer(converted: _Converted) -> int:
-    layers = [int(m.group(2)) for key in converted.tensors if (m := _TEXT_LAYER.fullmatch(key)) and m.group(1) == "text_model."]
-    cross = [int(m.group(2)) for key in converted.tensors if (m := _TEXT_LAYER.fullmatch(key)) and m.group(3).startswith("crossattention.")]
-    return min(cross, default=max(layers) + 1)
+def _text_layers(converted: _Converted) -> tuple[dict[str, tuple[str, int, str]], int, int]:
+    """`{key: (tower prefix, layer index, rest of the key)}` of the text-model layers, the number of layers and the
+    fusion layer (the first with cross-attention)."""
+    layers = {key: (m[1], int(m[2]), m[3]) for key in converted.tensors if (m := _TEXT_LAYER.fullmatch(key))}
+    count = 1 + max(index for _, index, _ in layers.values())
+    cross = (index for _, index, rest in layers.values() if rest.startswith("crossattention."))
+    return layers, count, min(cross, default=count)
 
 
 def _decoder_from_encoder(converted: _Converted, config: AlbefConfig):
     """VQA.py: the answer decoder starts as the encoder's embeddings, fusion layers [f, n) (renumbered from 0) and
     MLM head; the question encoder keeps all its layers."""
-    fusion_layer = _text_fusion_layer(converted)
-    layers = {int(m.group(2)) for key in converted.tensors if (m := _TEXT_LAYER.fullmatch(key))}
-    if len(layers) - fusion_layer != config.decoder_num_hidden_layers:
+    layers, count, fusion_layer = _text_layers(converted)
+    if count - fusion_layer != config.decoder_num_hidden_layers:
         raise ValueError(
-            f"The encoder has {len(layers) - fusion_layer} fusion layers but config.decoder_num_hidden_layers is "
+            f"The encoder has {count - fusion_layer} fusion layers but config.decoder_num_hidden_layers is "
             f"{config.decoder_num_hidden_layers}"
         )
+    for key, (prefix, index, rest) in layers.items():
+        if index >= fusion_layer:
+            new_key = f"{prefix.replace('text_model.', 'text_decoder.')}encoder.layer.{index - fusion_layer}.{rest}"
+            converted.put(new_key, converted.tensors[key].clone(), converted.report.sources[key], "decoder layer")
     for key in list(converted.tensors):
-        prefix = "momentum." if key.startswith("momentum.") else ""
-        layer = _TEXT_LAYER.fullmatch(key)
-        if layer and int(layer.group(2)) >= fusion_layer:
-            index = int(layer.group(2)) - fusion_layer
-            converted.copy(key, f"{prefix}text_decoder.encoder.layer.{index}.{layer.group(3)}", "answer decoder layer")
-        elif key.startswith(f"{prefix}text_model.embeddings."):
-            converted.copy(key, key.replace("text_model.", "text_decoder.", 1), "answer decoder embeddings")
-        elif key.startswith(f"{prefix}mlm_head."):
-            converted.move(key, key.replace("mlm_head.", "lm_head.", 1), "answer decoder LM head")
+        if re.match(r"(momentum\.)?text_model\.embeddings\.", key):
+            new_key = key.replace("text_model.", "text_decoder.", 1)
+            converted.put(new_key, converted.tensors[key].clone(), converted.report.sources[key], "decoder embeddings")
+        elif re.match(r"(momentum\.)?mlm_head\.", key):
+            converted.put(key.replace("mlm_head.", "lm_head.", 1), *converted.pop(key), "decoder LM head")
 
 
 def _pair_fusion_layers(converted: _Converted, config: AlbefConfig):
     """Pretrain_nlvr.py: fusion layer L of the one-image encoder becomes the pair f + 2(L - f) (image 0) and
     f + 2(L - f) + 1 (image 1) of the two-image encoder; text layers keep their index."""
-    fusion_layer = _text_fusion_layer(converted)
-    if fusion_layer != config.text_config.fusion_layer:
-        raise ValueError(f"The checkpoint's fusion layer is {fusion_layer}, the config's {config.text_config.fusion_layer}")
+    layers, _, fusion_layer = _text_layers(converted)
+    expected = config.text_config.fusion_layer
+    if fusion_layer != expected:
+        raise ValueError(f"The checkpoint's fusion layer is {fusion_layer}, the config's {expected}")
     # All fusion layers are taken out first: their new indices overlap the old ones.
-    fusion = [key for key in converted.tensors if (m := _TEXT_LAYER.fullmatch(key)) and int(m.group(2)) >= fusion_layer]
-    taken = {key: (converted.tensors[key], converted.report.sources[key]) for key in fusion}
-    for key in fusion:
-        converted.drop(key, None)
+    taken = {key: converted.pop(key) for key, (_, index, _) in layers.items() if index >= fusion_layer}
     for key, (tensor, source) in taken.items():
-        prefix, index, rest = _TEXT_LAYER.fullmatch(key).groups()
-        first = fusion_layer + 2 * (int(index) - fusion_layer)
+        prefix, index, rest = layers[key]
+        first = fusion_layer + 2 * (index - fusion_layer)
         for new_index, image in ((first, 0), (first + 1, 1)):
-            how = f"image-{image} copy of fusion layer {index} (from {source})"
-            converted.put(f"{prefix}encoder.layer.{new_index}.{rest}", tensor.clone(), source, how)
+            new_key = f"{prefix}encoder.layer.{new_index}.{rest}"
+            converted.put(new_key, tensor.clone(), source, f"image-{image} copy of fusion layer {index}")
 
 
 # (source kind, target kind) -> structural transform
@@ -579,7 +588,7 @@ def _keep_target_components(converted: _Converted, config: AlbefConfig, target_k
             reason = f"training state: {component} is a momentum part, and the target config has distill=False"
         else:
             reason = f"not in target: a {target_kind} model has no {component}"
-        converted.drop(key, reason)
+        converted.pop(key, reason)
     present = {_component(key) for key in converted.tensors}
     converted.report.new_components = [component for component in wanted if component not in present]
 
@@ -595,7 +604,7 @@ def _drop_tied(converted: _Converted, config: AlbefConfig):
                 f"{sources[tied]} and {sources[followed]} are one tensor in the original model but differ in this "
                 "checkpoint, so it is inconsistent; the port keeps them tied and cannot load both"
             )
-        converted.drop(tied, f"tied: same tensor as {sources[followed]} (checked equal); the port ties them")
+        converted.pop(tied, f"tied: same tensor as {sources[followed]} (checked equal); the port ties them")
 
 
 def _interpolate_position_embeddings(converted: _Converted, config: AlbefConfig):
@@ -612,9 +621,8 @@ def _interpolate_position_embeddings(converted: _Converted, config: AlbefConfig)
         if new is not old:
             converted.tensors[key] = new
             old_grid = _grid_size(old.shape[1], key)
-            converted.report.transformed[key] = (
-                f"bicubic {old_grid}x{old_grid} -> {vision.grid_size}x{vision.grid_size} grid (image size {vision.image_size})"
-            )
+            new_grid = vision.grid_size
+            converted.report.transformed[key] = f"bicubic {old_grid}x{old_grid} -> {new_grid}x{new_grid} patch grid"
 
 
 # ----- conversion ---------------------------------------------------------------------------------------------------
@@ -660,8 +668,9 @@ def from_original(model_class: type, checkpoint, config: AlbefConfig | None = No
     Without `config`, the standard configuration is built from the checkpoint (`config_from_state_dict`);
     `image_size` overrides the image size either way (position embeddings are interpolated). Keys the checkpoint
     cannot provide are allowed only for components new to the task (e.g. the classifier when starting from
-    pre-training, `idx_queue`); anything else raises. Returns the model in eval mode, with the `ConversionReport` on
-    `model.conversion_report`.
+    pre-training, `idx_queue`); anything else raises. When the config asks for momentum towers (`distill=True`) and
+    the checkpoint has none, they start as copies of the loaded weights. Returns the model in eval mode, with the
+    `ConversionReport` on `model.conversion_report`.
     """
     state_dict = load_original_checkpoint(checkpoint)
     target_kind = _model_kind(model_class)
@@ -682,6 +691,13 @@ def from_original(model_class: type, checkpoint, config: AlbefConfig | None = No
     unexplained = [key for key in report.missing if _component(key) not in report.new_components]
     if unexplained:
         raise ValueError(f"The {source_kind} checkpoint lacks these weights of {model_class.__name__}: {unexplained}")
+    momentum_queues = {f"momentum.{name}" for name in (*_QUEUES, "idx_queue")}
+    if getattr(model, "momentum", None) is not None and not any(
+        key.startswith("momentum.") and _component(key) not in momentum_queues for key in converted
+    ):
+        # The towers were copied at construction, before loading: start them from the loaded weights instead (as
+        # LAVIS does; NLVR.py's copy-before-load leaves them at BERT/random init).
+        model.momentum.copy_from(model)
     model.conversion_report = report
     return model.eval()
 

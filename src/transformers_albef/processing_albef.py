@@ -1,6 +1,7 @@
 """Processor class for ALBEF, and the text cleaning of the original datasets."""
 
 import re
+from pathlib import Path
 from typing import Literal
 
 from transformers.image_processing_base import BatchFeature
@@ -39,6 +40,9 @@ def pre_question(question: str, max_words: int = 50) -> str:
 
 
 _CLEANERS = {"caption": pre_caption, "question": pre_question}
+
+# The bert-base-uncased vocabulary ships with the package, so the processor works offline.
+BERT_VOCAB = Path(__file__).parent / "resources" / "bert-base-uncased-vocab.txt"
 
 
 class AlbefTextKwargs(TextKwargs, total=False):
@@ -91,6 +95,16 @@ class AlbefProcessor(ProcessorMixin):
         if missing:
             raise ValueError(f"AlbefProcessor needs a tokenizer with {', '.join(missing)} set.")
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_bert_vocab(cls, image_size: int = 384, vocab_file: str | Path | None = None) -> "AlbefProcessor":
+        """ALBEF's processor from a WordPiece vocabulary (default: the bundled bert-base-uncased one), no download."""
+        from transformers import BertTokenizer
+
+        from .image_processing_albef import AlbefImageProcessor
+
+        tokenizer = BertTokenizer(vocab=str(vocab_file or BERT_VOCAB), model_max_length=512)
+        return cls(AlbefImageProcessor(size=image_size), tokenizer)
 
     def __call__(
         self,
