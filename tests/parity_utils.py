@@ -1,6 +1,7 @@
 """Loading the reference fixtures (produced by the original salesforce/ALBEF code) and comparing against them."""
 
 import json
+import os
 
 import torch
 from safetensors.torch import load_file
@@ -61,8 +62,14 @@ def max_diff(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor | None = 
     return float(diff.max())
 
 
+# (test, output) -> max abs diff, printed as a table at the end of the run (conftest.py).
+MEASURED: dict[tuple[str, str], float] = {}
+
+
 def assert_close(got, want, atol: float, mask=None, name: str = ""):
     diff = max_diff(got, want, mask)
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[-1].split(" ")[0]
+    MEASURED[(test, name)] = diff
     assert diff <= atol, f"{name}: max abs diff {diff:.3g} > {atol}"
     return diff
 

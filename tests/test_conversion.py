@@ -60,19 +60,25 @@ def tiny_state_dict(folder):
 
 
 def tiny_config(state_dict, target, **kwargs):
-    return config_from_state_dict(state_dict, target, **{key: dict(value) for key, value in TINY_HEADS.items()}, **kwargs)
+    heads = {key: dict(value) for key, value in TINY_HEADS.items()}
+    return config_from_state_dict(state_dict, target, **heads, **kwargs)
 
 
-def full_size_state_dict(name):
-    """A released checkpoint's keys and shapes (tests/fixtures/keys/<name>.tsv) as meta tensors."""
-    state_dict = {}
+def full_size_rows(name):
+    """(key, shape, dtype, kind) rows of a released checkpoint's key table (tests/fixtures/keys/<name>.tsv)."""
     for line in (FIXTURES / "keys" / f"{name}.tsv").read_text().splitlines():
         if line.startswith("#") or not line.strip():
             continue
-        key, shape, dtype, _ = line.split("\t")
-        shape = tuple(int(size) for size in shape.strip("()").split(",") if size.strip())
-        state_dict[key] = torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
-    return state_dict
+        key, shape, dtype, kind = line.split("\t")
+        yield key, tuple(int(size) for size in shape.strip("()").split(",") if size.strip()), dtype, kind
+
+
+def full_size_state_dict(name):
+    """A released checkpoint's keys and shapes as meta tensors."""
+    return {
+        key: torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+        for key, shape, dtype, _ in full_size_rows(name)
+    }
 
 
 def assert_accounted(state_dict, report):
@@ -156,7 +162,7 @@ def test_every_tiny_conversion_loads(folder, target):
     report = model.conversion_report
     assert_accounted(state_dict, report)
     assert report.source_kind == TINY_KINDS[folder] and report.target_kind == target
-    assert all(conversion._component(key) in report.new_components for key in report.missing)
+    assert all(f"{key}.".startswith(tuple(f"{part}." for part in report.new_components)) for key in report.missing)
     assert not model.training
     assert str(report).startswith(f"ALBEF {TINY_KINDS[folder]} -> {target}")
 
@@ -175,6 +181,38 @@ def test_every_full_size_conversion(name):
         layers = config.text_config.num_hidden_layers
         assert f"text_model.encoder.layer.{layers - 1}.crossattention.self.query.weight" in converted
         assert f"text_model.encoder.layer.{layers}.output.dense.weight" not in converted
+
+
+@pytest.mark.parametrize("name", FULL_KINDS)
+def test_tied_keys_are_the_original_shared_tensors(name):
+    """Each pair of keys that is one tensor in the original model (marked `shared:` in the key table) is a tied pair
+    of the port, and nothing else is."""
+    state_dict = full_size_state_dict(name)
+    config = config_from_state_dict(state_dict, FULL_KINDS[name])
+    shared = {
+        tuple(sorted((rename_key(key), rename_key(kind.split("shared:")[1]))))
+        for key, _, _, kind in full_size_rows(name)
+        if "shared:" in kind
+    }
+    ported = {rename_key(key) for key in state_dict}
+    tied = {tuple(sorted(pair)) for pair in tied_keys(config).items() if set(pair) <= ported}
+    assert shared == tied
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FULL_KINDS)
+def test_full_size_conversion_matches_head_keys(name):
+    """Full-size heads (meta device) hold exactly the converted keys plus their tied names and the new components."""
+    state_dict = full_size_state_dict(name)
+    for target in SUPPORTED_CONVERSIONS[FULL_KINDS[name]]:
+        with torch.device("meta"):
+            model = HEADS[target](config_from_state_dict(state_dict, target, image_size=384))
+        converted, report = convert_state_dict(state_dict, model.config, target)
+        expected = model.state_dict()
+        assert set(converted) <= set(expected)
+        assert all(converted[key].shape == expected[key].shape for key in converted)
+        missing = set(expected) - set(converted) - set(model.get_expanded_tied_weights_keys(all_submodels=True))
+        assert all(f"{key}.".startswith(tuple(f"{part}." for part in report.new_components)) for key in missing)
 
 
 def test_from_original_builds_the_config_and_interpolates():
@@ -230,9 +268,10 @@ def test_unsupported_conversion():
 
 def test_unknown_key_is_named():
     state_dict = tiny_state_dict("retrieval")
+    config = tiny_config(state_dict, "retrieval")
     state_dict["visual_encoder.blocks.0.attn.extra.weight"] = torch.zeros(3)
     with pytest.raises(ValueError, match=r"visual_encoder\.blocks\.0\.attn\.extra\.weight"):
-        convert_state_dict(state_dict, tiny_config(tiny_state_dict("retrieval"), "retrieval"), "retrieval", "retrieval")
+        convert_state_dict(state_dict, config, "retrieval", source_kind="retrieval")
 
 
 # ----- agreement with the original loading code ---------------------------------------------------------------------
@@ -240,7 +279,8 @@ def test_unknown_key_is_named():
 
 def test_pos_embed_interpolation_matches_original():
     state_dict = tiny_state_dict("pretrain")
-    converted, report = convert_state_dict(state_dict, tiny_config(state_dict, "retrieval", image_size=48), "retrieval")
+    config = tiny_config(state_dict, "retrieval", image_size=48)
+    converted, report = convert_state_dict(state_dict, config, "retrieval")
     outputs = load_file(TINY / "retrieval_from_pretrain" / "outputs.safetensors")
     for prefix, name in (("", "interpolated_pos_embed"), ("momentum.", "interpolated_pos_embed_m")):
         got = converted[f"{prefix}vision_model.embeddings.position_embeddings"]
@@ -249,7 +289,9 @@ def test_pos_embed_interpolation_matches_original():
         assert "2x2 -> 3x3" in report.transformed[f"{prefix}vision_model.embeddings.position_embeddings"]
 
 
-@pytest.mark.parametrize(("fixture", "target"), [("retrieval_from_pretrain", "retrieval"), ("vqa_from_pretrain", "vqa")])
+@pytest.mark.parametrize(
+    ("fixture", "target"), [("retrieval_from_pretrain", "retrieval"), ("vqa_from_pretrain", "vqa")]
+)
 def test_matches_original_loading(fixture, target):
     """The dict the original script passes to load_state_dict (Retrieval.py / VQA.py renames of a pre-training
     checkpoint): every tensor it loads is in the conversion, exactly; what it ignores is what the conversion skips."""
@@ -297,8 +339,9 @@ def test_nlvr_layer_duplication():
                 want = state_dict[f"text_encoder.bert.encoder.layer.{layer}.{name}"]
                 assert torch.equal(converted[f"text_model.encoder.layer.{index}.{name}"], want)
         # Cross-attention key/value exist once per pair, in the image-1 layer.
-        key = f"encoder.layer.{{}}.crossattention.self.key.weight"
-        assert torch.equal(converted["text_model." + key.format(pair[1])], state_dict["text_encoder.bert." + key.format(layer)])
+        key = "encoder.layer.{}.crossattention.self.key.weight"
+        want = state_dict["text_encoder.bert." + key.format(layer)]
+        assert torch.equal(converted["text_model." + key.format(pair[1])], want)
         assert "text_model." + key.format(pair[0]) not in converted
     assert torch.equal(converted["text_model.encoder.layer.1.output.dense.weight"],
                        state_dict["text_encoder.bert.encoder.layer.1.output.dense.weight"])
@@ -313,7 +356,8 @@ def test_qkv_split_round_trip():
         parts = [converted[f"vision_model.layers.1.attention.{p}_proj.{name}"] for p in ("q", "k", "v")]
         assert torch.equal(torch.cat(parts), fused)
         assert torch.equal(parts[0], fused[:32])  # q is the first third of the rows
-        assert report.sources[f"vision_model.layers.1.attention.v_proj.{name}"] == f"visual_encoder.blocks.1.attn.qkv.{name}"
+        source = report.sources[f"vision_model.layers.1.attention.v_proj.{name}"]
+        assert source == f"visual_encoder.blocks.1.attn.qkv.{name}"
 
 
 # ----- tied tensors: refused when they differ -----------------------------------------------------------------------
@@ -323,9 +367,10 @@ def test_tied_lm_head_must_equal_word_embeddings():
     """The original ties the MLM decoder to the word embeddings; a checkpoint where they differ is inconsistent and
     the port cannot hold both, so it is an error rather than a silent choice."""
     state_dict = tiny_state_dict("pretrain")
-    state_dict["text_encoder.cls.predictions.decoder.weight"] = state_dict["text_encoder.cls.predictions.decoder.weight"] + 1
+    decoder = "text_encoder.cls.predictions.decoder.weight"
+    state_dict[decoder] = state_dict[decoder] + 1
     config = tiny_config(state_dict, "pretrain")
-    with pytest.raises(ValueError, match=r"text_encoder\.cls\.predictions\.decoder\.weight and text_encoder\.bert\.embeddings\.word_embeddings\.weight"):
+    with pytest.raises(ValueError, match=rf"{decoder} and text_encoder.bert.embeddings.word_embeddings.weight"):
         convert_state_dict(state_dict, config, "pretrain")
     # Without the MLM head in the target, the head is skipped and its consistency does not matter.
     _, report = convert_state_dict(state_dict, tiny_config(state_dict, "retrieval"), "retrieval")

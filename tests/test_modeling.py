@@ -5,7 +5,13 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForPreTraining,
+    AutoModelForSequenceClassification,
+    AutoModelForVisualQuestionAnswering,
+)
 
 import transformers_albef as ta
 
@@ -71,6 +77,8 @@ def test_auto_classes(tmp_path):
     assert type(AutoModel.from_pretrained(tmp_path / "pre")) is ta.AlbefModel
     ta.AlbefForVisualEntailment(tiny_config(num_labels=3)).save_pretrained(tmp_path / "ve")
     assert type(AutoModelForSequenceClassification.from_pretrained(tmp_path / "ve")) is ta.AlbefForVisualEntailment
+    ta.AlbefForQuestionAnswering(tiny_config()).save_pretrained(tmp_path / "vqa")
+    assert type(AutoModelForVisualQuestionAnswering.from_pretrained(tmp_path / "vqa")) is ta.AlbefForQuestionAnswering
 
 
 def test_presets_round_trip(tmp_path):

@@ -9,6 +9,7 @@ from transformers import (
     AutoModel,
     AutoModelForPreTraining,
     AutoModelForSequenceClassification,
+    AutoModelForVisualQuestionAnswering,
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
     AutoTokenizer,
@@ -47,6 +48,7 @@ def _register():
     AutoModelForPreTraining.register(AlbefConfig, AlbefForPreTraining, exist_ok=True)
     AutoModelForZeroShotImageClassification.register(AlbefConfig, AlbefModel, exist_ok=True)
     AutoModelForSequenceClassification.register(AlbefConfig, AlbefForVisualEntailment, exist_ok=True)
+    AutoModelForVisualQuestionAnswering.register(AlbefConfig, AlbefForQuestionAnswering, exist_ok=True)
     # One exact (PIL) implementation serves both backends: torchvision resizing differs from the original's.
     AutoImageProcessor.register(
         AlbefConfig, image_processor_classes={"pil": AlbefImageProcessor, "torchvision": AlbefImageProcessor}, exist_ok=True

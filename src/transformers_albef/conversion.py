@@ -173,7 +173,7 @@ _QUEUES = ("image_queue", "text_queue", "queue_ptr")
 MOMENTUM_COMPONENTS: dict[str, tuple[str, ...]] = {
     "pretrain": ("vision_model", "text_model", "vision_proj", "text_proj", "mlm_head", *_QUEUES),
     "retrieval": ("vision_model", "text_model", "vision_proj", "text_proj", *_QUEUES, "idx_queue"),
-    "itc": ("vision_model", "text_model", "vision_proj", "text_proj", *_QUEUES),
+    "itc": (),  # AlbefModel does not train
     "vqa": ("vision_model", "text_model", "text_decoder", "lm_head"),
     "nlvr": ("vision_model", "text_model", "classifier"),
     "ve": ("vision_model", "text_model", "classifier"),

@@ -2,6 +2,7 @@
 
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -89,6 +90,7 @@ class AlbefModel(AlbefPreTrainedModel):
     momentum_module_names: tuple[str, ...] = ("vision_model", "vision_proj", "text_model", "text_proj")
     momentum_queues = True
     momentum_image_ids = False  # retrieval also queues the image id of each feature
+    trains_with_momentum = False  # the ITC-only model has no training forward
 
     def __init__(self, config: AlbefConfig):
         super().__init__(config)
@@ -106,7 +108,7 @@ class AlbefModel(AlbefPreTrainedModel):
     # ----- training state -------------------------------------------------------------------------------------------
     def _finish_init(self):
         self.momentum = None
-        if self.config.distill:
+        if self.config.distill and self.trains_with_momentum:
             self.momentum = self._new_momentum()
         self._tied_weights_keys = self._tied_keys()
         self.post_init()
@@ -179,7 +181,68 @@ class AlbefModel(AlbefPreTrainedModel):
             text_model_output=text_out,
         )
 
-    # ----- ITC/ITM training (shared by retrieval and pre-training) --------------------------------------------------
+class AlbefForRetrieval(AlbefModel):
+    """ITC + ITM: image-text retrieval (COCO, Flickr30K) and weakly supervised grounding (RefCOCO+)."""
+
+    momentum_image_ids = True
+    trains_with_momentum = True
+
+    def _build_heads(self, config: AlbefConfig):
+        self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
+
+    def itm_logits(
+        self, text_states: torch.Tensor, attention_mask: torch.Tensor | None, image_states: torch.Tensor
+    ) -> torch.Tensor:
+        """ITM logits (batch, 2) of aligned pairs, from text-encoder and image-encoder states."""
+        return self.itm_head(self.fuse(text_states, attention_mask, image_states)[:, 0])
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        use_itm_head: bool = False,
+        output_fused_states: bool = False,
+        return_loss: bool = False,
+        image_ids: torch.Tensor | None = None,
+        alpha: float | None = None,
+        hard_negatives: str = "sample",
+        **kwargs,
+    ) -> AlbefOutput:
+        r"""
+        use_itm_head (`bool`): also return `itm_logits` (batch, 2) for aligned pairs (image i, text i).
+        return_loss (`bool`): training forward of the original: `loss_itc` (captions of the same `image_ids` are
+            positives, queue included; momentum distillation with weight `alpha`) and `loss_itm` (hard negatives,
+            `hard_negatives="sample"` as the original or `"hardest"`); updates the momentum towers and queues.
+        image_ids (`torch.LongTensor` of shape `(batch,)`): image id of each pair (required with `return_loss`).
+        alpha (`float`): distillation weight, defaults to `config.alpha` (the warm-up ramp is the caller's).
+        """
+        if return_loss:
+            if image_ids is None:
+                raise ValueError("return_loss=True needs image_ids (one per pair) for the ITC positives")
+            _check_pairs(pixel_values, input_ids, "The retrieval loss")
+            if image_ids.numel() != input_ids.shape[0]:
+                raise ValueError(f"image_ids has {image_ids.numel()} entries for {input_ids.shape[0]} pairs")
+            alpha = self.config.alpha if alpha is None else alpha
+            out = self._itc_and_itm_losses(pixel_values, input_ids, attention_mask, alpha, image_ids, hard_negatives)
+            return AlbefOutput(
+                loss=out["loss_itc"] + out["loss_itm"],
+                loss_itc=out["loss_itc"],
+                loss_itm=out["loss_itm"],
+                logits_per_image=out["logits_per_image"],
+                logits_per_text=out["logits_per_image"].t(),
+                itm_logits=out["itm_logits"],
+                image_embeds=out["image_embeds"],
+                text_embeds=out["text_embeds"],
+            )
+        wants_fusion = use_itm_head or output_fused_states
+        output = super().forward(pixel_values, input_ids, attention_mask, output_fused_states=wants_fusion, **kwargs)
+        if use_itm_head:
+            output.itm_logits = self.itm_head(output.fused_last_hidden_state[:, 0])
+        if not output_fused_states:
+            output.fused_last_hidden_state = None
+        return output
+
     def _itc_and_itm_losses(self, pixel_values, input_ids, attention_mask, alpha, image_ids, hard_negatives):
         """The original retrieval/pre-training forward up to ITM. `image_ids=None` means every pair is its own
         positive (pre-training); otherwise captions of the same image are positives, queue included (retrieval)."""
@@ -251,68 +314,6 @@ class AlbefModel(AlbefPreTrainedModel):
             "hard_negatives": torch.cat([negative_images, negative_texts]),
         }
 
-
-class AlbefForRetrieval(AlbefModel):
-    """ITC + ITM: image-text retrieval (COCO, Flickr30K) and weakly supervised grounding (RefCOCO+)."""
-
-    momentum_image_ids = True
-
-    def _build_heads(self, config: AlbefConfig):
-        self.itm_head = nn.Linear(config.text_config.hidden_size, 2)
-
-    def itm_logits(
-        self, text_states: torch.Tensor, attention_mask: torch.Tensor | None, image_states: torch.Tensor
-    ) -> torch.Tensor:
-        """ITM logits (batch, 2) of aligned pairs, from text-encoder and image-encoder states."""
-        return self.itm_head(self.fuse(text_states, attention_mask, image_states)[:, 0])
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        use_itm_head: bool = False,
-        output_fused_states: bool = False,
-        return_loss: bool = False,
-        image_ids: torch.Tensor | None = None,
-        alpha: float | None = None,
-        hard_negatives: str = "sample",
-        **kwargs,
-    ) -> AlbefOutput:
-        r"""
-        use_itm_head (`bool`): also return `itm_logits` (batch, 2) for aligned pairs (image i, text i).
-        return_loss (`bool`): training forward of the original: `loss_itc` (captions of the same `image_ids` are
-            positives, queue included; momentum distillation with weight `alpha`) and `loss_itm` (hard negatives,
-            `hard_negatives="sample"` as the original or `"hardest"`); updates the momentum towers and queues.
-        image_ids (`torch.LongTensor` of shape `(batch,)`): image id of each pair (required with `return_loss`).
-        alpha (`float`): distillation weight, defaults to `config.alpha` (the warm-up ramp is the caller's).
-        """
-        if return_loss:
-            if image_ids is None:
-                raise ValueError("return_loss=True needs image_ids (one per pair) for the ITC positives")
-            _check_pairs(pixel_values, input_ids, "The retrieval loss")
-            if image_ids.numel() != input_ids.shape[0]:
-                raise ValueError(f"image_ids has {image_ids.numel()} entries for {input_ids.shape[0]} pairs")
-            alpha = self.config.alpha if alpha is None else alpha
-            out = self._itc_and_itm_losses(pixel_values, input_ids, attention_mask, alpha, image_ids, hard_negatives)
-            return AlbefOutput(
-                loss=out["loss_itc"] + out["loss_itm"],
-                loss_itc=out["loss_itc"],
-                loss_itm=out["loss_itm"],
-                logits_per_image=out["logits_per_image"],
-                logits_per_text=out["logits_per_image"].t(),
-                itm_logits=out["itm_logits"],
-                image_embeds=out["image_embeds"],
-                text_embeds=out["text_embeds"],
-            )
-        wants_fusion = use_itm_head or output_fused_states
-        output = super().forward(pixel_values, input_ids, attention_mask, output_fused_states=wants_fusion, **kwargs)
-        if use_itm_head:
-            output.itm_logits = self.itm_head(output.fused_last_hidden_state[:, 0])
-        if not output_fused_states:
-            output.fused_last_hidden_state = None
-        return output
-
     @torch.no_grad()
     def retrieval_scores(
         self,
@@ -349,7 +350,9 @@ class AlbefForPreTraining(AlbefForRetrieval):
     momentum_image_ids = False
 
     def __init__(self, config: AlbefConfig):
-        config.distill = True
+        if not config.distill:
+            config = copy.deepcopy(config)
+            config.distill = True
         super().__init__(config)
 
     def _build_heads(self, config: AlbefConfig):
