@@ -349,3 +349,18 @@ def test_gradcam_shapes_and_modes():
         model.gradcam(pixel_values, ids, mask, layer=0)
     with pytest.raises(ValueError, match="mode"):
         model.gradcam(pixel_values, ids, mask, mode="xyz")
+
+
+@pytest.mark.parametrize(
+    "config_class, kwargs, message",
+    [
+        (ta.AlbefTextConfig, dict(hidden_size=30, num_attention_heads=4), "multiple of num_attention_heads"),
+        (ta.AlbefTextConfig, dict(fusion_layer=20), r"fusion_layer \(20\) must lie in \[0, 12\]"),
+        (ta.AlbefTextConfig, dict(share_cross_attention_kv=True, num_hidden_layers=11), "must be even"),
+        (ta.AlbefVisionConfig, dict(image_size=100), r"multiple of patch_size \(16\)"),
+    ],
+)
+def test_invalid_configs_are_refused(config_class, kwargs, message):
+    with pytest.raises(Exception, match=message) as error:
+        config_class(**kwargs)
+    assert isinstance(error.value, ValueError) or isinstance(error.value.__cause__, ValueError)

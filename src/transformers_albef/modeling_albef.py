@@ -88,7 +88,6 @@ class AlbefModel(AlbefPreTrainedModel):
     main_input_name = "pixel_values"
     # Modules the momentum towers copy (training heads extend this).
     momentum_module_names: tuple[str, ...] = ("vision_model", "vision_proj", "text_model", "text_proj")
-    momentum_queues = True
     momentum_image_ids = False  # retrieval also queues the image id of each feature
     trains_with_momentum = False  # the ITC-only model has no training forward
 
@@ -105,25 +104,12 @@ class AlbefModel(AlbefPreTrainedModel):
     def _build_heads(self, config: AlbefConfig):
         """Task heads on top of the towers (none here)."""
 
-    # ----- training state -------------------------------------------------------------------------------------------
-    def _finish_init(self):
-        self.momentum = None
-        if self.config.distill and self.trains_with_momentum:
-            self.momentum = self._new_momentum()
-        self._tied_weights_keys = self._tied_keys()
-        self.post_init()
-        if self.momentum is not None:
-            self.momentum.copy_from(self)
-
-    def _tied_keys(self) -> dict[str, str]:
-        return {}
-
     def _new_momentum(self) -> AlbefMomentum:
         return AlbefMomentum(
             self,
             self.momentum_module_names,
             momentum=self.config.momentum,
-            queue_size=self.config.queue_size if self.momentum_queues else 0,
+            queue_size=self.config.queue_size,
             embed_dim=self.config.embed_dim,
             image_ids=self.momentum_image_ids,
         )
@@ -348,6 +334,7 @@ class AlbefForPreTraining(AlbefForRetrieval):
 
     momentum_module_names = ("vision_model", "vision_proj", "text_model", "text_proj", "mlm_head")
     momentum_image_ids = False
+    tied_weights = {"mlm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: AlbefConfig):
         if not config.distill:
@@ -358,12 +345,6 @@ class AlbefForPreTraining(AlbefForRetrieval):
     def _build_heads(self, config: AlbefConfig):
         super()._build_heads(config)
         self.mlm_head = AlbefPredictionHead(config.text_config)
-
-    def _tied_keys(self) -> dict[str, str]:
-        keys = {"mlm_head.decoder.weight": "text_model.embeddings.word_embeddings.weight"}
-        if self.momentum is not None:
-            keys.update({f"momentum.{k}": f"momentum.{v}" for k, v in keys.items()})
-        return keys
 
     def get_output_embeddings(self):
         return self.mlm_head.decoder
@@ -443,15 +424,7 @@ class _AlbefClassifier(AlbefPreTrainedModel):
         self.vision_model = AlbefVisionModel(config.vision_config)
         self.text_model = AlbefTextModel(config.text_config)
         self.classifier = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, config.num_labels))
-        self.momentum = (
-            AlbefMomentum(self, self.momentum_module_names, momentum=config.momentum) if config.distill else None
-        )
-        self.post_init()
-        if self.momentum is not None:
-            self.momentum.copy_from(self)
-
-    def _new_momentum(self) -> AlbefMomentum:
-        return AlbefMomentum(self, self.momentum_module_names, momentum=self.config.momentum)
+        self._finish_init()
 
     def _image_states(self, pixel_values: torch.Tensor, towers: nn.Module) -> torch.Tensor | list[torch.Tensor]:
         return towers.vision_model(pixel_values).last_hidden_state
@@ -516,6 +489,7 @@ class AlbefForTextAssignment(AlbefPreTrainedModel):
     config: AlbefConfig
     main_input_name = "pixel_values"
     accepts_loss_kwargs = False
+    trains_with_momentum = False  # the original text-assignment model has no momentum towers
 
     def __init__(self, config: AlbefConfig):
         super().__init__(config)
@@ -525,7 +499,7 @@ class AlbefForTextAssignment(AlbefPreTrainedModel):
         self.text_proj = nn.Linear(config.text_config.hidden_size, config.embed_dim)  # unused, kept for checkpoints
         self.temp = nn.Parameter(torch.ones([]) * config.temp)  # unused: the similarity uses a fixed 0.07
         self.ta_head = nn.Linear(config.text_config.hidden_size, 3)
-        self.post_init()
+        self._finish_init()
 
     @torch.no_grad()
     def assignment_weights(self, image_states: torch.Tensor) -> torch.Tensor:

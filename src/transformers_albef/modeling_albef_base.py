@@ -4,12 +4,20 @@
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 from transformers import initialization as init
 
 from .configuration_albef import AlbefConfig
 
 logger = logging.get_logger(__name__)
+
+
+def attend(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """Run the attention backend of `module.config` (eager when none is set); `module` has `scaling`."""
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+    dropout = module.config.attention_probs_dropout_prob if module.training else 0.0
+    return attention(module, query, key, value, attention_mask, scaling=module.scaling, dropout=dropout, **kwargs)
 
 
 def eager_attention_forward(
@@ -48,6 +56,28 @@ class AlbefPreTrainedModel(PreTrainedModel):
 
     # Training state (momentum.py): heads that train with distillation set `self.momentum` in their __init__ (None
     # when `config.distill` is off) and build it in `_new_momentum`.
+    # Which modules the momentum towers copy; heads without a distilled training forward set
+    # `trains_with_momentum = False`. `tied_weights` are {tied: source} pairs of the head (momentum twins added).
+    momentum_module_names: tuple[str, ...] = ()
+    trains_with_momentum = True
+    tied_weights: dict[str, str] = {}
+
+    def _finish_init(self):
+        """`post_init`, with the training state (`config.distill`) built first and started from the online weights."""
+        self.momentum = self._new_momentum() if self.config.distill and self.trains_with_momentum else None
+        tied = dict(self.tied_weights)
+        if self.momentum is not None:
+            tied.update({f"momentum.{k}": f"momentum.{v}" for k, v in self.tied_weights.items()})
+        self._tied_weights_keys = tied
+        self.post_init()
+        if self.momentum is not None:
+            self.momentum.copy_from(self)
+
+    def _new_momentum(self):
+        from .momentum import AlbefMomentum
+
+        return AlbefMomentum(self, self.momentum_module_names, momentum=self.config.momentum)
+
     def init_momentum(self):
         """Create the momentum towers (copies of the current weights) and queues, for training with distillation."""
         self.config.distill = True

@@ -2,7 +2,7 @@
 image features through cross-attention (the original `xbert.py` design, with BERT's parameter names kept)."""
 
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -10,12 +10,11 @@ from transformers.activations import ACT2FN
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithCrossAttentions
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_albef import AlbefTextConfig
-from .modeling_albef_base import AlbefPreTrainedModel, eager_attention_forward
+from .modeling_albef_base import AlbefPreTrainedModel, attend
 
 TEXT_MODES = ("text", "fusion", "multimodal")
 
@@ -71,19 +70,7 @@ class _AlbefTextAttentionCore(nn.Module):
         kv_shape = (*kv_states.shape[:-1], -1, self.head_dim)
         key = self.key(kv_states).view(kv_shape).transpose(1, 2)
         value = self.value(kv_states).view(kv_shape).transpose(1, 2)
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        output, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            scaling=self.scaling,
-            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
-            **kwargs,
-        )
+        output, weights = attend(self, query, key, value, attention_mask, **kwargs)
         return output.reshape(*hidden_states.shape[:-1], -1), weights
 
 

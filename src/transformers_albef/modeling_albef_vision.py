@@ -1,19 +1,16 @@
 """ALBEF's image tower: a ViT-B/16 (DeiT layout) with pre-norm blocks and a final LayerNorm over every token."""
 
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_albef import AlbefVisionConfig
-from .modeling_albef_base import AlbefPreTrainedModel, eager_attention_forward
+from .modeling_albef_base import AlbefPreTrainedModel, attend
 
 
 class AlbefVisionEmbeddings(nn.Module):
@@ -52,19 +49,7 @@ class AlbefVisionAttention(nn.Module):
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        output, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            None,
-            scaling=self.scaling,
-            dropout=self.config.attention_probs_dropout_prob if self.training else 0.0,
-            **kwargs,
-        )
+        output, weights = attend(self, query, key, value, None, **kwargs)
         return self.o_proj(output.reshape(*hidden_states.shape[:-1], -1)), weights
 
 

@@ -15,7 +15,6 @@ from .modeling_albef import _check_pairs
 from .modeling_albef_base import AlbefPreTrainedModel
 from .modeling_albef_text import AlbefPredictionHead, AlbefTextModel
 from .modeling_albef_vision import AlbefVisionModel
-from .momentum import AlbefMomentum
 
 
 @dataclass
@@ -49,6 +48,7 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel):
     config: AlbefConfig
     main_input_name = "pixel_values"
     momentum_module_names = ("vision_model", "text_model", "text_decoder", "lm_head")
+    tied_weights = {"lm_head.decoder.weight": "text_decoder.embeddings.word_embeddings.weight"}
     accepts_loss_kwargs = False
 
     def __init__(self, config: AlbefConfig):
@@ -58,20 +58,7 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel):
         self.text_model = AlbefTextModel(config.text_config)
         self.text_decoder = AlbefTextModel(decoder_config)
         self.lm_head = AlbefPredictionHead(decoder_config)
-        self.momentum = self._new_momentum() if config.distill else None
-        self._tied_weights_keys = self._tied_keys()
-        self.post_init()
-        if self.momentum is not None:
-            self.momentum.copy_from(self)
-
-    def _new_momentum(self) -> AlbefMomentum:
-        return AlbefMomentum(self, self.momentum_module_names, momentum=self.config.momentum)
-
-    def _tied_keys(self) -> dict[str, str]:
-        keys = {"lm_head.decoder.weight": "text_decoder.embeddings.word_embeddings.weight"}
-        if self.momentum is not None:
-            keys.update({f"momentum.{k}": f"momentum.{v}" for k, v in keys.items()})
-        return keys
+        self._finish_init()
 
     def get_output_embeddings(self):
         return self.lm_head.decoder
