@@ -103,6 +103,8 @@ def test_attention_backends_match_eager(cls, backend):
         want = run(model)
         model.set_attn_implementation(backend)
         got = run(model)
+    configs = [m.config for m in model.modules() if hasattr(m, "config")]
+    assert {c._attn_implementation for c in configs} == {backend}, "the backend did not reach every tower"
     assert (got - want).abs().max() <= 1e-5
 
 
@@ -331,6 +333,16 @@ def test_queue_size_must_divide_global_batch():
         model(*tiny_batch(), return_loss=True, hard_negatives="hardest")
 
 
+def test_init_momentum_in_half_precision():
+    model = make(ta.AlbefForRetrieval).to(torch.bfloat16)
+    model.init_momentum()
+    assert model.momentum.image_queue.dtype == torch.bfloat16 and model.momentum.queue_ptr.dtype == torch.long
+    pixel_values, ids, mask = tiny_batch()
+    out = model(pixel_values.to(torch.bfloat16), ids, mask, return_loss=True, image_ids=torch.arange(4))
+    assert torch.isfinite(out.loss)
+    assert "momentum.text_model.embeddings.word_embeddings.weight" in model.state_dict()
+
+
 def test_training_without_momentum_says_how_to_fix():
     model = make(ta.AlbefForRetrieval)
     pixel_values, ids, mask = tiny_batch()
@@ -341,7 +353,12 @@ def test_training_without_momentum_says_how_to_fix():
 
 
 def test_gradcam_shapes_and_modes():
-    model = make(ta.AlbefForRetrieval)
+    model = make(ta.AlbefForRetrieval, text={"attention_probs_dropout_prob": 0.5})
+    pixel_values, ids, mask = tiny_batch()
+    model.train()  # Grad-CAM runs in eval mode (no dropout on the maps) and restores the mode
+    first, second = model.gradcam(pixel_values, ids, mask), model.gradcam(pixel_values, ids, mask)
+    assert torch.equal(first.gradcam, second.gradcam) and model.training
+    model.eval()
     pixel_values, ids, mask = tiny_batch()
     itm = model.gradcam(pixel_values, ids, mask)
     assert itm.gradcam.shape == (4, 2, 2) and itm.gradcam_per_token.shape == (4, 7, 2, 2)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .configuration_albef import AlbefConfig
+from .configuration_albef import ALBEF_PRESETS, AlbefConfig
 
 
 # ----- original checkpoint kinds ------------------------------------------------------------------------------------
@@ -94,6 +94,9 @@ MODEL_CLASS_KINDS = {
     "AlbefForTextAssignment": "text_assignment",
     "AlbefForVisualEntailment": "ve",
 }
+
+PRE_TRAINING_KINDS = ("pretrain", "text_assignment")
+FINE_TUNING_KINDS = ("retrieval", "vqa", "nlvr", "ve")
 
 # `AlbefConfig.from_preset` name of each target kind (None: the plain defaults).
 KIND_PRESETS = {
@@ -383,7 +386,9 @@ def config_from_state_dict(
     state_dict: Mapping[str, torch.Tensor], kind: str, image_size: int | None = None, **overrides
 ) -> AlbefConfig:
     """The standard configuration of a `kind` model (the target) initialised from `state_dict`, with the sizes read
-    from the checkpoint's shapes. `image_size` defaults to the checkpoint's (position-embedding grid x patch size).
+    from the checkpoint's shapes. `image_size` defaults to the checkpoint's (position-embedding grid x patch size),
+    except when a pre-training checkpoint starts a fine-tuning head: then it is the task's (384) and `distill` is on,
+    as in the original fine-tuning scripts.
 
     Shapes do not give the number of attention heads: it is `hidden_size // 64`, as in every released checkpoint;
     pass e.g. `text_config={"num_attention_heads": 2}` in `overrides` otherwise. `overrides` go to
@@ -392,6 +397,11 @@ def config_from_state_dict(
     source_kind = detect_kind(state_dict)
     _check_conversion(source_kind, kind)
     sd = state_dict
+    # A pre-training checkpoint loaded into a task head is the start of fine-tuning: like the original fine-tuning
+    # scripts, use the task's resolution (384) and build the momentum towers for distillation.
+    fine_tuning = source_kind in PRE_TRAINING_KINDS and kind in FINE_TUNING_KINDS
+    if image_size is None and fine_tuning:
+        image_size = ALBEF_PRESETS[KIND_PRESETS[kind]]["vision_config"]["image_size"]
     text = "text_encoder.bert." if source_kind == "pretrain" else "text_encoder."
     patch = sd["visual_encoder.patch_embed.proj.weight"].shape
     vision_hidden = sd["visual_encoder.cls_token"].shape[-1]
@@ -420,7 +430,8 @@ def config_from_state_dict(
         "max_position_embeddings": sd[f"{text}embeddings.position_embeddings.weight"].shape[0],
         "type_vocab_size": sd[f"{text}embeddings.token_type_embeddings.weight"].shape[0],
     }
-    derived = {"distill": bool(MOMENTUM_COMPONENTS[kind]) and any(_MOMENTUM_PART.match(key) for key in sd)}
+    has_momentum = fine_tuning or any(_MOMENTUM_PART.match(key) for key in sd)
+    derived = {"distill": bool(MOMENTUM_COMPONENTS[kind]) and has_momentum}
     if "vision_proj.weight" in sd:
         derived["embed_dim"] = sd["vision_proj.weight"].shape[0]
     if "image_queue" in sd:
@@ -662,7 +673,9 @@ def _model_kind(model_class: type) -> str:
     raise ValueError(f"{model_class.__name__} is not an ALBEF head; expected one of {list(MODEL_CLASS_KINDS)}")
 
 
-def from_original(model_class: type, checkpoint, config: AlbefConfig | None = None, image_size: int | None = None):
+def from_original(
+    model_class: type, checkpoint, config: AlbefConfig | None = None, image_size: int | None = None, **config_overrides
+):
     """Build `model_class` (an ALBEF head) from an original checkpoint (path or state dict).
 
     Without `config`, the standard configuration is built from the checkpoint (`config_from_state_dict`);
@@ -676,7 +689,9 @@ def from_original(model_class: type, checkpoint, config: AlbefConfig | None = No
     target_kind = _model_kind(model_class)
     source_kind = detect_kind(state_dict)
     if config is None:
-        config = config_from_state_dict(state_dict, target_kind, image_size=image_size)
+        config = config_from_state_dict(state_dict, target_kind, image_size=image_size, **config_overrides)
+    elif config_overrides:
+        raise ValueError(f"pass either a config or config overrides, not both (got {sorted(config_overrides)})")
     elif image_size is not None:
         config = copy.deepcopy(config)
         config.vision_config.image_size = image_size

@@ -46,55 +46,66 @@ def gradcam(model, pixel_values, input_ids, attention_mask=None, mode: str = "it
     _check_pairs(pixel_values, input_ids, "Grad-CAM")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    grid = model.config.vision_config.grid_size
-    batch = pixel_values.shape[0]
-    with eager_attention(model), torch.enable_grad():
-        if mode == "itm":
-            text_config = model.config.text_config
-            if layer is None:
-                layer = model.config.gradcam_layer
-            if layer is None:  # clamped for models with fewer than three fusion layers
-                layer = min(text_config.fusion_layer + 2, text_config.num_hidden_layers - 1)
-            if not text_config.fusion_layer <= layer < text_config.num_hidden_layers:
-                raise ValueError(
-                    f"ITM Grad-CAM reads a fusion layer: layer must be in [{text_config.fusion_layer}, "
-                    f"{text_config.num_hidden_layers}), got {layer}"
-                )
-            image_states = model.vision_model(pixel_values).last_hidden_state
-            out = model.text_model(
-                input_ids, attention_mask, encoder_hidden_states=image_states, output_attentions=True
-            )
-            attention = out.cross_attentions[layer - text_config.fusion_layer]
-            logits = model.itm_head(out.last_hidden_state[:, 0])
-            (grad,) = torch.autograd.grad(logits[:, 1].sum(), attention)
-            mask = attention_mask.view(batch, 1, -1, 1, 1)
-            cams = attention[:, :, :, 1:].detach().reshape(batch, attention.shape[1], -1, grid, grid) * mask
-            grads = grad[:, :, :, 1:].clamp(min=0).reshape(batch, attention.shape[1], -1, grid, grid) * mask
-            per_token = (cams * grads).mean(1)
-            return AlbefGradCamOutput(
-                gradcam=per_token.mean(1),
-                gradcam_per_token=per_token,
-                itm_logits=logits.detach(),
-                attention_map=attention.detach(),
-                attention_grad=grad,
-            )
+    was_training = model.training
+    model.eval()  # as the original val(): dropout would randomise the attention maps
+    try:
+        with eager_attention(model), torch.enable_grad():
+            compute = _itm_gradcam if mode == "itm" else _itc_gradcam
+            return compute(model, pixel_values, input_ids, attention_mask, layer)
+    finally:
+        model.train(was_training)
 
-        num_blocks = model.config.vision_config.num_hidden_layers
-        if layer is None:
-            layer = min(8, num_blocks - 1)
-        if not 0 <= layer < num_blocks:
-            raise ValueError(f"ITC Grad-CAM reads a ViT block: layer must be in [0, {num_blocks}), got {layer}")
-        vision = model.vision_model(pixel_values, output_attentions=True)
-        attention = vision.attentions[layer]
-        image_feat = F.normalize(model.vision_proj(vision.last_hidden_state[:, 0]), dim=-1)
-        text_feat = model.get_text_features(input_ids, attention_mask)
-        similarity = (image_feat * text_feat).sum(-1) / model.temp
-        (grad,) = torch.autograd.grad(similarity.sum(), attention)
-        cam = attention[:, :, 0, 1:].detach().reshape(batch, -1, grid, grid)
-        grads = grad[:, :, 0, 1:].clamp(min=0).reshape(batch, -1, grid, grid)
-        return AlbefGradCamOutput(
-            gradcam=(cam * grads).mean(1),
-            itc_logits=similarity.detach(),
-            attention_map=attention.detach(),
-            attention_grad=grad,
+
+def _itm_gradcam(model, pixel_values, input_ids, attention_mask, layer):
+    text_config = model.config.text_config
+    if layer is None:
+        layer = model.config.gradcam_layer
+    if layer is None:  # clamped for models with fewer than three fusion layers
+        layer = min(text_config.fusion_layer + 2, text_config.num_hidden_layers - 1)
+    if not text_config.fusion_layer <= layer < text_config.num_hidden_layers:
+        raise ValueError(
+            f"ITM Grad-CAM reads a fusion layer: layer must be in [{text_config.fusion_layer}, "
+            f"{text_config.num_hidden_layers}), got {layer}"
         )
+    batch, grid = pixel_values.shape[0], model.config.vision_config.grid_size
+    image_states = model.vision_model(pixel_values).last_hidden_state
+    out = model.text_model(input_ids, attention_mask, encoder_hidden_states=image_states, output_attentions=True)
+    attention = out.cross_attentions[layer - text_config.fusion_layer]
+    logits = model.itm_head(out.last_hidden_state[:, 0])
+    (grad,) = torch.autograd.grad(logits[:, 1].sum(), attention)
+    # Drop the image [CLS] column, unfold the patch grid, zero the padded text rows.
+    mask = attention_mask.view(batch, 1, -1, 1, 1)
+    cams = attention[:, :, :, 1:].detach().reshape(batch, attention.shape[1], -1, grid, grid) * mask
+    grads = grad[:, :, :, 1:].clamp(min=0).reshape(batch, attention.shape[1], -1, grid, grid) * mask
+    per_token = (cams * grads).mean(1)
+    return AlbefGradCamOutput(
+        gradcam=per_token.mean(1),
+        gradcam_per_token=per_token,
+        itm_logits=logits.detach(),
+        attention_map=attention.detach(),
+        attention_grad=grad,
+    )
+
+
+def _itc_gradcam(model, pixel_values, input_ids, attention_mask, layer):
+    num_blocks = model.config.vision_config.num_hidden_layers
+    if layer is None:
+        layer = min(8, num_blocks - 1)
+    if not 0 <= layer < num_blocks:
+        raise ValueError(f"ITC Grad-CAM reads a ViT block: layer must be in [0, {num_blocks}), got {layer}")
+    batch, grid = pixel_values.shape[0], model.config.vision_config.grid_size
+    vision = model.vision_model(pixel_values, output_attentions=True)
+    attention = vision.attentions[layer]
+    image_feat = F.normalize(model.vision_proj(vision.last_hidden_state[:, 0]), dim=-1)
+    text_feat = model.get_text_features(input_ids, attention_mask)
+    similarity = (image_feat * text_feat).sum(-1) / model.temp
+    (grad,) = torch.autograd.grad(similarity.sum(), attention)
+    # The image [CLS] query's row over the patches.
+    cam = attention[:, :, 0, 1:].detach().reshape(batch, -1, grid, grid)
+    grads = grad[:, :, 0, 1:].clamp(min=0).reshape(batch, -1, grid, grid)
+    return AlbefGradCamOutput(
+        gradcam=(cam * grads).mean(1),
+        itc_logits=similarity.detach(),
+        attention_map=attention.detach(),
+        attention_grad=grad,
+    )

@@ -62,16 +62,24 @@ class AlbefPreTrainedModel(PreTrainedModel):
     trains_with_momentum = True
     tied_weights: dict[str, str] = {}
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers looks for its registry call in each model file's source; ALBEF's is in `attend` (this file).
+        return True
+
     def _finish_init(self):
         """`post_init`, with the training state (`config.distill`) built first and started from the online weights."""
         self.momentum = self._new_momentum() if self.config.distill and self.trains_with_momentum else None
-        tied = dict(self.tied_weights)
-        if self.momentum is not None:
-            tied.update({f"momentum.{k}": f"momentum.{v}" for k, v in self.tied_weights.items()})
-        self._tied_weights_keys = tied
+        self._tied_weights_keys = self._head_tied_keys()
         self.post_init()
         if self.momentum is not None:
             self.momentum.copy_from(self)
+
+    def _head_tied_keys(self) -> dict[str, str]:
+        tied = dict(self.tied_weights)
+        if getattr(self, "momentum", None) is not None:
+            tied.update({f"momentum.{k}": f"momentum.{v}" for k, v in self.tied_weights.items()})
+        return tied
 
     def _new_momentum(self):
         from .momentum import AlbefMomentum
@@ -81,15 +89,19 @@ class AlbefPreTrainedModel(PreTrainedModel):
     def init_momentum(self):
         """Create the momentum towers (copies of the current weights) and queues, for training with distillation."""
         self.config.distill = True
-        self.momentum = self._new_momentum().to(self.device)
+        self.momentum = self._new_momentum().to(device=self.device, dtype=self.dtype)
         self.momentum.copy_from(self)
+        self._tied_weights_keys = self._head_tied_keys()
+        self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
         return self
 
     def _require_momentum(self):
         if getattr(self, "momentum", None) is None:
             raise ValueError(
                 f"{type(self).__name__} has no momentum towers/queues (config.distill=False). Training with "
-                "return_loss=True needs them: call model.init_momentum() first, or load with distill=True."
+                "return_loss=True needs them (the queues hold momentum features): call model.init_momentum() first, "
+                "or load with distill=True. To train without distillation, as the original's distill=False, pass "
+                "alpha=0."
             )
         return self.momentum
 
@@ -106,14 +118,18 @@ class AlbefPreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
     @classmethod
-    def from_original(cls, checkpoint, config: AlbefConfig | None = None, image_size: int | None = None):
+    def from_original(
+        cls, checkpoint, config: AlbefConfig | None = None, image_size: int | None = None, **config_overrides
+    ):
         """Build this head from an original salesforce/ALBEF checkpoint (a path or a state dict, in any released
-        format). Without `config` the standard configuration of the checkpoint's kind is built from its shapes;
-        `image_size` converts to another resolution (position embeddings interpolated bicubically). The key report
-        is kept on `model.conversion_report`."""
+        format). Without `config` the standard configuration of this head's kind is built from the checkpoint's
+        shapes, with `config_overrides` on top (e.g. `retrieval_k=128` for flickr30k.pth); `image_size` converts to
+        another resolution (position embeddings interpolated bicubically; a pre-training checkpoint converted to a
+        fine-tuning head defaults to the fine-tuning size, 384). The key report is kept on
+        `model.conversion_report`."""
         from .conversion import from_original
 
-        return from_original(cls, checkpoint, config=config, image_size=image_size)
+        return from_original(cls, checkpoint, config=config, image_size=image_size, **config_overrides)
 
     @torch.no_grad()
     def _init_weights(self, module):

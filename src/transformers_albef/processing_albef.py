@@ -75,7 +75,15 @@ class AlbefProcessor(ProcessorMixin):
     The convention is applied here, not by the tokenizer's post-processor, so it survives `save_pretrained`
     and reloading: a reloaded `BertTokenizer` adds `[SEP]` again when called directly.
 
-    Text defaults follow the original scripts: `padding="longest"`, `truncation=True`, `max_length=30`.
+    Text defaults follow the original retrieval evaluation: `padding="longest"`, `truncation=True`,
+    `max_length=30`. The original scripts call the tokenizer differently per task; to reproduce one exactly:
+
+    | original call site | arguments |
+    |---|---|
+    | pre-training (Pretrain.py), VQA training questions | `max_length=25` |
+    | retrieval evaluation | `padding="max_length"` (default truncation at 30) |
+    | retrieval / grounding training | `truncation=False` |
+    | NLVR2, SNLI-VE, grounding evaluation, VQA test questions | `truncation=False` |
     Texts are tokenised as given unless `clean_text="caption"` or `clean_text="question"` is passed, which
     applies the original dataset cleaning ([`pre_caption`] / [`pre_question`]) first. A single string is
     treated as a batch of one.
