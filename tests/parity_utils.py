@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from transformers_albef import AlbefConfig
+from transformers_albef.conversion import rename_key
 
 from .conftest import FIXTURES
 
@@ -26,9 +27,17 @@ def tiny_config(meta: dict, kind: str, **overrides) -> AlbefConfig:
     text = {
         key: bert[key]
         for key in (
-            "vocab_size", "hidden_size", "num_hidden_layers", "fusion_layer", "num_attention_heads",
-            "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
-            "hidden_dropout_prob", "attention_probs_dropout_prob",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "fusion_layer",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+            "layer_norm_eps",
+            "hidden_dropout_prob",
+            "attention_probs_dropout_prob",
         )
     }
     if kind in TWO_IMAGE_KINDS:
@@ -74,37 +83,13 @@ def assert_close(got, want, atol: float, mask=None, name: str = ""):
     return diff
 
 
-# Names of the momentum state in the original checkpoints -> this port (for the `after_step.*` outputs).
-AFTER_STEP_NAMES = {
-    "image_queue": "momentum.image_queue",
-    "text_queue": "momentum.text_queue",
-    "idx_queue": "momentum.idx_queue",
-    "queue_ptr": "momentum.queue_ptr",
-    "temp": "temp",
-    "visual_encoder_m.cls_token": "momentum.vision_model.embeddings.cls_token",
-    "visual_encoder_m.pos_embed": "momentum.vision_model.embeddings.position_embeddings",
-    "vision_proj_m.weight": "momentum.vision_proj.weight",
-    "text_proj_m.weight": "momentum.text_proj.weight",
-    "text_proj_m.bias": "momentum.text_proj.bias",
-    "text_encoder_m.bert.embeddings.word_embeddings.weight": "momentum.text_model.embeddings.word_embeddings.weight",
-    "text_encoder_m.embeddings.word_embeddings.weight": "momentum.text_model.embeddings.word_embeddings.weight",
-    "text_encoder_m.cls.predictions.bias": "momentum.mlm_head.bias",
-    "text_decoder_m.cls.predictions.bias": "momentum.lm_head.bias",
-    "text_decoder_m.bert.encoder.layer.0.crossattention.self.query.weight":
-        "momentum.text_decoder.encoder.layer.0.crossattention.self.query.weight",
-    "cls_head_m.2.weight": "momentum.classifier.2.weight",
-    "text_encoder_m.encoder.layer.3.crossattention.self.key.weight":
-        "momentum.text_model.encoder.layer.3.crossattention.self.key.weight",
-}
-
-
 def assert_after_step(model, outputs: dict, atol: float):
     state = model.state_dict()
     checked = 0
     for name, want in outputs.items():
         if not name.startswith("after_step."):
             continue
-        key = AFTER_STEP_NAMES[name[len("after_step."):]]
+        key = rename_key(name[len("after_step.") :])  # the original name -> this port's
         got = state[key]
         if want.dtype.is_floating_point:
             assert_close(got, want, atol, name=name)

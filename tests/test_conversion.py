@@ -136,12 +136,23 @@ def test_config_from_tiny_checkpoint_matches_fixture():
     meta = json.loads((TINY / "retrieval_from_pretrain" / "meta.json").read_text())
     config = tiny_config(state_dict, "retrieval", image_size=48)
     bert, vit = meta["bert_config"], meta["vit_config"]
-    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "fusion_layer", "intermediate_size",
-                 "max_position_embeddings", "type_vocab_size", "num_attention_heads"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "fusion_layer",
+        "intermediate_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "num_attention_heads",
+    ):
         assert getattr(config.text_config, name) == bert[name], name
     vision = config.vision_config
     assert (vision.hidden_size, vision.num_hidden_layers, vision.image_size, vision.patch_size) == (
-        vit["embed_dim"], vit["depth"], vit["img_size"], vit["patch_size"]
+        vit["embed_dim"],
+        vit["depth"],
+        vit["img_size"],
+        vit["patch_size"],
     )
     assert vision.intermediate_size == vit["embed_dim"] * vit["mlp_ratio"]
     assert (config.embed_dim, config.queue_size, config.distill) == (16, 16, True)
@@ -343,8 +354,10 @@ def test_nlvr_layer_duplication():
         want = state_dict["text_encoder.bert." + key.format(layer)]
         assert torch.equal(converted["text_model." + key.format(pair[1])], want)
         assert "text_model." + key.format(pair[0]) not in converted
-    assert torch.equal(converted["text_model.encoder.layer.1.output.dense.weight"],
-                       state_dict["text_encoder.bert.encoder.layer.1.output.dense.weight"])
+    assert torch.equal(
+        converted["text_model.encoder.layer.1.output.dense.weight"],
+        state_dict["text_encoder.bert.encoder.layer.1.output.dense.weight"],
+    )
     assert_accounted(state_dict, report)
 
 

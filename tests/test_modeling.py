@@ -34,7 +34,9 @@ def run(model, batch=None):
         return model(torch.stack([pixel_values, pixel_values.flip(0)], 1), ids, mask).logits
     if isinstance(model, ta.AlbefForTextAssignment):
         batch = ids.shape[0]
-        return model(pixel_values, ids, mask, image0_index=torch.arange(batch), image1_index=torch.arange(batch).flip(0)).logits
+        return model(
+            pixel_values, ids, mask, image0_index=torch.arange(batch), image1_index=torch.arange(batch).flip(0)
+        ).logits
     if isinstance(model, ta.AlbefForVisualEntailment):
         return model(pixel_values, ids, mask).logits
     if isinstance(model, ta.AlbefForQuestionAnswering):
@@ -154,12 +156,16 @@ def test_batch_of_one_equals_row_of_batch(cls):
             one = model(pixel_values[1:2], ids[1:2], mask[1:2], use_itm_head=True).itm_logits
         elif isinstance(model, ta.AlbefModel):
             full = torch.cat([model.get_text_features(ids, mask), model.get_image_features(pixel_values)], 1)
-            one = torch.cat([model.get_text_features(ids[1:2], mask[1:2]), model.get_image_features(pixel_values[1:2])], 1)
+            one = torch.cat(
+                [model.get_text_features(ids[1:2], mask[1:2]), model.get_image_features(pixel_values[1:2])], 1
+            )
         elif isinstance(model, ta.AlbefForTextAssignment):
             left, right = torch.tensor([1, 0, 3, 2]), torch.tensor([2, 3, 0, 1])
             full = model(pixel_values, ids, mask, image0_index=left, image1_index=right).logits
             images = pixel_values[[0, 3]]  # sentence 1 with images 0 (left) and 3 (right), alone
-            one = model(images, ids[[1, 1]], mask[[1, 1]], image0_index=torch.tensor([0, 1]), image1_index=torch.tensor([1, 0])).logits[:1]
+            one = model(
+                images, ids[[1, 1]], mask[[1, 1]], image0_index=torch.tensor([0, 1]), image1_index=torch.tensor([1, 0])
+            ).logits[:1]
         elif isinstance(model, ta.AlbefForVisualReasoning):
             pairs = torch.stack([pixel_values, pixel_values.flip(0)], 1)
             full = model(pairs, ids, mask).logits
@@ -234,8 +240,9 @@ def test_distillation_head_from_inference_checkpoint_copies_towers(tmp_path):
     config = ta.AlbefConfig.from_pretrained(tmp_path)
     config.distill = True
     model = ta.AlbefForRetrieval.from_pretrained(tmp_path, config=config)
-    assert torch.equal(model.momentum.text_model.embeddings.word_embeddings.weight,
-                       model.text_model.embeddings.word_embeddings.weight)
+    assert torch.equal(
+        model.momentum.text_model.embeddings.word_embeddings.weight, model.text_model.embeddings.word_embeddings.weight
+    )
     assert not any(p.requires_grad for p in model.momentum.parameters())
 
 
@@ -253,7 +260,10 @@ def test_tied_weights_survive_reload(tmp_path):
     layers = nlvr.text_model.encoder.layer
     for first in (2, 4):
         for name in ("key", "value"):
-            a, b = getattr(layers[first].crossattention.self, name), getattr(layers[first + 1].crossattention.self, name)
+            a, b = (
+                getattr(layers[first].crossattention.self, name),
+                getattr(layers[first + 1].crossattention.self, name),
+            )
             assert a.weight is b.weight and a.bias is b.bias
     assert layers[2].crossattention.self.query.weight is not layers[3].crossattention.self.query.weight
 
@@ -277,7 +287,7 @@ def test_internal_masking_and_sampling_run():
     out.loss.backward()
 
 
-# ----- bad input ------------------------------------------------------------------------------------------------------
+# ----- bad input -----------------------------------------------------------------------------------------------
 def test_bad_pixel_values():
     model = make(ta.AlbefModel)
     _, ids, mask = tiny_batch()

@@ -116,9 +116,10 @@ def test_retrieval_evaluation_matrices():
     assert_close(score_i2t, outputs["score_matrix_i2t"], ATOL, name="score_matrix_i2t")
     assert_close(score_t2i, outputs["score_matrix_t2i"], ATOL, name="score_matrix_t2i")
     with torch.no_grad():
-        sims = model.get_image_features(inputs["pixel_values"]) @ model.get_text_features(
-            inputs["eval_input_ids"], inputs["eval_attention_mask"]
-        ).t()
+        sims = (
+            model.get_image_features(inputs["pixel_values"])
+            @ model.get_text_features(inputs["eval_input_ids"], inputs["eval_attention_mask"]).t()
+        )
     assert_close(sims, outputs["eval_sims_matrix"], ATOL, name="eval_sims_matrix")
     txt2img = {int(k): v for k, v in meta["txt2img"].items()}
     img2txt = {int(k): v for k, v in meta["img2txt"].items()}
@@ -150,7 +151,10 @@ def test_grounding_gradcam():
     model.set_attn_implementation("sdpa")  # Grad-CAM must switch to eager by itself
     n = inputs["pixel_values"].shape[0]
     cam = model.gradcam(
-        inputs["pixel_values"], inputs["input_ids"][:n], inputs["attention_mask"][:n], layer=meta["gradcam"]["block_num"]
+        inputs["pixel_values"],
+        inputs["input_ids"][:n],
+        inputs["attention_mask"][:n],
+        layer=meta["gradcam"]["block_num"],
     )
     assert_close(cam.attention_map, outputs["gradcam_attention_map"], ATOL, name="attention map")
     assert_close(cam.attention_grad, outputs["gradcam_attention_grad"], ATOL, name="attention grad")
@@ -250,7 +254,9 @@ def test_nlvr():
     assert_close(image_states, outputs["image_embeds"], ATOL, name="image_embeds")
     assert_close(logits, outputs["logits"], ATOL, name="nlvr logits")
     model.train()
-    out = model(pairs, inputs["input_ids"], inputs["attention_mask"], labels=inputs["targets"], alpha=float(inputs["alpha"]))
+    out = model(
+        pairs, inputs["input_ids"], inputs["attention_mask"], labels=inputs["targets"], alpha=float(inputs["alpha"])
+    )
     assert_close(out.loss, outputs["loss"], ATOL, name="nlvr loss")
     assert_after_step(model, outputs, ATOL)
 
@@ -262,7 +268,10 @@ def test_ve():
     assert_close(logits, outputs["logits"], ATOL, name="ve logits")
     model.train()
     out = model(
-        inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], labels=inputs["targets"],
+        inputs["pixel_values"],
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        labels=inputs["targets"],
         alpha=float(inputs["alpha"]),
     )
     assert_close(out.loss, outputs["loss"], ATOL, name="ve loss")
@@ -276,8 +285,12 @@ def test_text_assignment():
         weights = model.assignment_weights(image_states)
         left, right, labels = model.sample_assignment(weights, draws=inputs["rand_values"], hard_negatives="hardest")
         out = model(
-            inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"],
-            image0_index=left, image1_index=right, labels=labels,
+            inputs["pixel_values"],
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            image0_index=left,
+            image1_index=right,
+            labels=labels,
         )
         feat = F.normalize(model.vision_proj(image_states[:, 0]), dim=-1)
     assert_close(image_states, outputs["image_embeds"], ATOL, name="image_embeds")

@@ -20,10 +20,10 @@ import transformers_albef  # noqa: F401  (registers the Auto classes, see requir
 from transformers_albef.image_processing_albef import AlbefImageProcessor
 from transformers_albef.processing_albef import AlbefProcessor, pre_caption, pre_question
 
-
 FIXTURES = Path(__file__).parent / "fixtures"
 PROCESSING = FIXTURES / "processing"
 from transformers_albef.processing_albef import BERT_VOCAB as VOCAB  # noqa: E402  (the real bert-base-uncased vocab)
+
 CLS, SEP, PAD = 101, 102, 0
 
 CLEANING_CASES = json.loads((PROCESSING / "text_cleaning.json").read_text(encoding="utf-8"))["cases"]

@@ -5,10 +5,19 @@ import torch
 from transformers_albef import AlbefConfig
 
 TEXT = dict(
-    vocab_size=512, hidden_size=32, num_hidden_layers=4, fusion_layer=2, num_attention_heads=2, intermediate_size=64,
-    max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    vocab_size=512,
+    hidden_size=32,
+    num_hidden_layers=4,
+    fusion_layer=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
 )
-VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=16)
+VISION = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=16
+)
 TWO_IMAGES = dict(num_hidden_layers=6, num_fused_images=2, share_cross_attention_kv=True)
 
 

@@ -51,7 +51,9 @@ def _register():
     AutoModelForVisualQuestionAnswering.register(AlbefConfig, AlbefForQuestionAnswering, exist_ok=True)
     # One exact (PIL) implementation serves both backends: torchvision resizing differs from the original's.
     AutoImageProcessor.register(
-        AlbefConfig, image_processor_classes={"pil": AlbefImageProcessor, "torchvision": AlbefImageProcessor}, exist_ok=True
+        AlbefConfig,
+        image_processor_classes={"pil": AlbefImageProcessor, "torchvision": AlbefImageProcessor},
+        exist_ok=True,
     )
     AutoProcessor.register(AlbefConfig, AlbefProcessor, exist_ok=True)
     AutoTokenizer.register(AlbefConfig, slow_tokenizer_class=BertTokenizer, exist_ok=True)

@@ -47,8 +47,12 @@ def demo(args) -> int:
     torch.manual_seed(args.seed)
     image_size = 64
     config = AlbefConfig(
-        text_config=dict(hidden_size=64, num_hidden_layers=4, fusion_layer=2, num_attention_heads=4, intermediate_size=128),
-        vision_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=image_size),
+        text_config=dict(
+            hidden_size=64, num_hidden_layers=4, fusion_layer=2, num_attention_heads=4, intermediate_size=128
+        ),
+        vision_config=dict(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=image_size
+        ),
         embed_dim=32,
         decoder_num_hidden_layers=2,
     )
@@ -61,11 +65,15 @@ def demo(args) -> int:
     inputs = processor(images=images, text=captions, clean_text="caption", return_tensors="pt")
     with torch.no_grad():
         out = retrieval(**inputs, use_itm_head=True)
-        score_i2t, score_t2i = retrieval.retrieval_scores(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], k=2)
+        score_i2t, score_t2i = retrieval.retrieval_scores(
+            inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"], k=2
+        )
     print("ITC logits (rows: images, columns: captions)")
     for caption, row in zip(captions, out.logits_per_image):
         print(f"  {caption:18s}" + " ".join(f"{v:8.3f}" for v in row.tolist()))
-    print("ITM match probability of each aligned pair:", [round(p, 3) for p in out.itm_logits.softmax(-1)[:, 1].tolist()])
+    print(
+        "ITM match probability of each aligned pair:", [round(p, 3) for p in out.itm_logits.softmax(-1)[:, 1].tolist()]
+    )
     for t, caption in enumerate(captions):
         print(f"text->image for {caption!r}: image {int(score_t2i[t].argmax())} (ITC top-2 re-ranked by ITM)")
 
@@ -73,8 +81,12 @@ def demo(args) -> int:
     answer_inputs = processor.encode_answers(answers, return_tensors="pt")
     question = processor(text=["what color is the shape?"] * 3, clean_text="question", return_tensors="pt")
     ids, probs = vqa.rank_answers(
-        inputs["pixel_values"], question["input_ids"], question["attention_mask"],
-        answer_inputs["input_ids"], answer_inputs["attention_mask"], k=3,
+        inputs["pixel_values"],
+        question["input_ids"],
+        question["attention_mask"],
+        answer_inputs["input_ids"],
+        answer_inputs["attention_mask"],
+        k=3,
     )
     for i in range(3):
         print(f"VQA image {i}: {answers[int(ids[i, 0])]!r} (p={float(probs[i, 0]):.3f})")

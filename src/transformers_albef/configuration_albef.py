@@ -42,7 +42,8 @@ class AlbefVisionConfig(PreTrainedConfig):
         super().validate_architecture()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads ({self.num_attention_heads})"
+                f"hidden_size ({self.hidden_size}) must be a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
             )
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
@@ -101,7 +102,8 @@ class AlbefTextConfig(PreTrainedConfig):
         super().validate_architecture()
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads ({self.num_attention_heads})"
+                f"hidden_size ({self.hidden_size}) must be a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
             )
         if not 0 <= self.fusion_layer <= self.num_hidden_layers:
             raise ValueError(f"fusion_layer ({self.fusion_layer}) must lie in [0, {self.num_hidden_layers}]")

@@ -31,15 +31,21 @@ import torch.nn.functional as F
 
 from .configuration_albef import ALBEF_PRESETS, AlbefConfig
 
-
 # ----- original checkpoint kinds ------------------------------------------------------------------------------------
 
 # Top-level parts of each original model (models/model_*.py). `parts` are required; the momentum twins
 # (`<part>_m`) of `momentum` and the `buffers` are optional: released fine-tuned checkpoints drop them.
 ORIGINAL_LAYOUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "pretrain": {
-        "parts": ("visual_encoder", "text_encoder.bert", "text_encoder.cls", "vision_proj", "text_proj", "itm_head",
-                  "temp"),
+        "parts": (
+            "visual_encoder",
+            "text_encoder.bert",
+            "text_encoder.cls",
+            "vision_proj",
+            "text_proj",
+            "itm_head",
+            "temp",
+        ),
         "momentum": ("visual_encoder", "text_encoder.bert", "text_encoder.cls", "vision_proj", "text_proj"),
         "buffers": ("image_queue", "text_queue", "queue_ptr"),
     },

@@ -32,8 +32,8 @@ def gradcam(model, pixel_values, input_ids, attention_mask=None, mode: str = "it
     """Grad-CAM of each (image i, text i) pair.
 
     `mode="itm"` (default): the cross-attention probabilities of text layer `layer` (default
-    `config.gradcam_layer`, else `fusion_layer + 2`: the third cross-attention layer, block 8 of the 12-layer BERT; the last layer if there are
-    fewer)
+    `config.gradcam_layer`, else `fusion_layer + 2`: the third cross-attention layer, block 8 of the 12-layer BERT;
+    the last layer if there are fewer)
     times their positive gradient of the ITM match logit, averaged over heads (and over tokens for `gradcam`).
     `mode="itc"`: the [CLS]-query attention row of ViT block `layer` (default: block 8 of 12, the original
     `--block_num`) times the positive gradient of the ITC similarity of the pair.

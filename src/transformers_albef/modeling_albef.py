@@ -1,6 +1,5 @@
 """ALBEF heads: each a thin class over the shared image tower (`vision_model`) and text/fusion tower (`text_model`)."""
 
-
 import contextlib
 import copy
 from dataclasses import dataclass
@@ -70,7 +69,11 @@ def _check_pairs(pixel_values: torch.Tensor, input_ids: torch.Tensor, what: str)
 @contextlib.contextmanager
 def eager_attention(model: nn.Module):
     """Run `model` with eager attention (attention probabilities are needed, e.g. by Grad-CAM), then restore."""
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
+    configs = {
+        id(m.config): m.config
+        for m in model.modules()
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")
+    }
     saved = {key: config._attn_implementation_internal for key, config in configs.items()}
     for config in configs.values():
         config._attn_implementation_internal = "eager"
@@ -130,7 +133,10 @@ class AlbefModel(AlbefPreTrainedModel):
     ) -> torch.Tensor:
         """Fusion-encoder output for aligned (text i, image i) pairs, from text-encoder states."""
         return self.text_model(
-            text_embeds=text_states, attention_mask=attention_mask, encoder_hidden_states=image_states, mode="fusion",
+            text_embeds=text_states,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_states,
+            mode="fusion",
             **kwargs,
         ).last_hidden_state
 
@@ -146,8 +152,10 @@ class AlbefModel(AlbefPreTrainedModel):
         output_fused_states (`bool`): also run the fusion encoder on aligned pairs (image i, text i).
         """
         if pixel_values is None or input_ids is None:
-            raise ValueError("AlbefModel needs both pixel_values and input_ids; use get_image_features / "
-                             "get_text_features for one modality")
+            raise ValueError(
+                "AlbefModel needs both pixel_values and input_ids; use get_image_features / "
+                "get_text_features for one modality"
+            )
         vision_out = self.vision_model(pixel_values, **kwargs)
         text_out = self.text_model(input_ids, attention_mask, mode="text", **kwargs)
         image_embeds = F.normalize(self.vision_proj(vision_out.last_hidden_state[:, 0]), dim=-1)
@@ -166,6 +174,7 @@ class AlbefModel(AlbefPreTrainedModel):
             vision_model_output=vision_out,
             text_model_output=text_out,
         )
+
 
 class AlbefForRetrieval(AlbefModel):
     """ITC + ITM: image-text retrieval (COCO, Flickr30K) and weakly supervised grounding (RefCOCO+)."""
@@ -389,7 +398,11 @@ class AlbefForPreTraining(AlbefForRetrieval):
         if masked_input_ids is None:
             tc = self.config.text_config
             masked_input_ids, mlm_labels = objectives.mask_tokens(
-                input_ids, tc.vocab_size, self.config.mlm_probability, tc.pad_token_id, tc.cls_token_id,
+                input_ids,
+                tc.vocab_size,
+                self.config.mlm_probability,
+                tc.pad_token_id,
+                tc.cls_token_id,
                 tc.mask_token_id,
             )
         with torch.no_grad():
@@ -525,9 +538,7 @@ class AlbefForTextAssignment(AlbefPreTrainedModel):
                 right.append(other if own_left else b)
                 labels.append(0 if own_left else 1)
             else:
-                pair = (
-                    torch.multinomial(weights[b], 2) if hard_negatives == "sample" else weights[b].topk(2).indices
-                )
+                pair = torch.multinomial(weights[b], 2) if hard_negatives == "sample" else weights[b].topk(2).indices
                 left.append(int(pair[0]))
                 right.append(int(pair[1]))
                 labels.append(2)

@@ -1,12 +1,11 @@
 """Pieces shared by every ALBEF module: the eager attention kernel and the `PreTrainedModel` base class."""
 
-
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
-from transformers import initialization as init
 
 from .configuration_albef import AlbefConfig
 

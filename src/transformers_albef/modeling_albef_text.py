@@ -1,7 +1,6 @@
 """ALBEF's text tower: one BERT whose first `fusion_layer` layers encode text and whose remaining layers fuse it with
 image features through cross-attention (the original `xbert.py` design, with BERT's parameter names kept)."""
 
-
 from collections.abc import Sequence
 
 import torch
@@ -160,7 +159,9 @@ class AlbefTextEncoder(nn.Module):
         # NLVR2: the image-0 layer of each fusion pair uses the image-1 layer's key/value projections.
         for first, second in self.shared_kv_pairs():
             for name in ("key", "value"):
-                setattr(self.layer[first].crossattention.self, name, getattr(self.layer[second].crossattention.self, name))
+                setattr(
+                    self.layer[first].crossattention.self, name, getattr(self.layer[second].crossattention.self, name)
+                )
 
     def shared_kv_pairs(self) -> list[tuple[int, int]]:
         if not self.config.share_cross_attention_kv:
@@ -258,7 +259,7 @@ class AlbefTextModel(AlbefPreTrainedModel):
         images, image_masks = [], []
         if layers.stop > self.config.fusion_layer and len(layers):
             if encoder_hidden_states is None:
-                raise ValueError(f'mode={mode!r} runs fusion layers and needs encoder_hidden_states (image features)')
+                raise ValueError(f"mode={mode!r} runs fusion layers and needs encoder_hidden_states (image features)")
             images = _as_list(encoder_hidden_states)
             masks = _as_list(encoder_attention_mask) if encoder_attention_mask is not None else [None] * len(images)
             if len(masks) != len(images):
@@ -303,7 +304,9 @@ class AlbefTextModel(AlbefPreTrainedModel):
         if attention_mask is None:
             return torch.ones(batch, length, dtype=torch.long, device=device)
         if tuple(attention_mask.shape) != (batch, length):
-            raise ValueError(f"attention_mask must be ({batch}, {length}) like the text, got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must be ({batch}, {length}) like the text, got {tuple(attention_mask.shape)}"
+            )
         # Skipped under torch.compile: the check reads the mask on the host.
         if not torch.compiler.is_compiling() and not bool((attention_mask != 0).any(dim=1).all()):
             empty = (attention_mask == 0).all(dim=1).nonzero().flatten().tolist()

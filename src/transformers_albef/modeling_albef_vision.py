@@ -1,6 +1,5 @@
 """ALBEF's image tower: a ViT-B/16 (DeiT layout) with pre-norm blocks and a final LayerNorm over every token."""
 
-
 import torch
 from torch import nn
 from transformers.activations import ACT2FN

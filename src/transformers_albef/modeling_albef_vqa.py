@@ -1,7 +1,6 @@
 """ALBEF for VQA: a multimodal question encoder and an answer decoder that cross-attends to the question states;
 answers are ranked from a list (the original evaluation) or generated."""
 
-
 from dataclasses import dataclass
 
 import torch

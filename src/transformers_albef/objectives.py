@@ -84,9 +84,13 @@ def sequence_lm_loss(
     """Per-sequence summed next-token NLL (the answer decoder's `reduction='none'` loss), optionally mixed with the
     summed distillation loss against softmax(teacher_logits)."""
     batch = shifted_logits.shape[0]
-    nll = F.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1), reduction="none"
-    ).view(batch, -1).sum(1)
+    nll = (
+        F.cross_entropy(
+            shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1), reduction="none"
+        )
+        .view(batch, -1)
+        .sum(1)
+    )
     if teacher_logits is None:
         return nll
     distill = -torch.sum(F.log_softmax(shifted_logits, dim=-1) * F.softmax(teacher_logits, dim=-1), dim=-1)

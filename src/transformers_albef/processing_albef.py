@@ -9,7 +9,6 @@ from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 from transformers.tokenization_utils_base import BatchEncoding, TruncationStrategy
 
-
 # The original cleaning deletes these characters, and turns hyphens and slashes into spaces.
 _DELETED_CHARACTERS = re.compile(r"[,.'!?\"()*#:;~]")
 _WORD_SEPARATORS = re.compile(r"[-/]")

@@ -24,7 +24,13 @@ def encode_for_retrieval(model, pixel_values, input_ids, attention_mask, batch_s
         states = model.vision_model(pixel_values[start : start + batch_size]).last_hidden_state
         image_states.append(states)
         image_embeds.append(F.normalize(model.vision_proj(states[:, 0]), dim=-1))
-    return torch.cat(image_states), torch.cat(image_embeds), torch.cat(text_states), torch.cat(text_embeds), attention_mask
+    return (
+        torch.cat(image_states),
+        torch.cat(image_embeds),
+        torch.cat(text_states),
+        torch.cat(text_embeds),
+        attention_mask,
+    )
 
 
 @torch.no_grad()
