@@ -35,7 +35,7 @@ def training_state(kind):
     return synth_state_dict(read_keys_tsv(load_fixture(kind)[0] / "keys.tsv"))
 
 
-def check_itc_itm(model, inputs, outputs):
+def check_itc_itm(model, inputs, outputs, meta=None):
     """image/text tower outputs, ITC features and similarities, the fused grid and ITM logits."""
     pixel_values, ids, mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():
@@ -244,8 +244,7 @@ def _pairs(inputs):
     return torch.stack([pv[inputs["image0_index"]], pv[inputs["image1_index"]]], dim=1)
 
 
-def test_nlvr():
-    model, inputs, outputs, _ = build(AlbefForVisualReasoning, "nlvr", distill=True)
+def check_nlvr(model, inputs, outputs, meta=None):
     pairs = _pairs(inputs)
     assert torch.equal(torch.cat([pairs[:, 0], pairs[:, 1]]), inputs["pixel_values_pair"])
     with torch.no_grad():
@@ -253,6 +252,12 @@ def test_nlvr():
         image_states = model.vision_model(inputs["pixel_values"]).last_hidden_state
     assert_close(image_states, outputs["image_embeds"], ATOL, name="image_embeds")
     assert_close(logits, outputs["logits"], ATOL, name="nlvr logits")
+
+
+def test_nlvr():
+    model, inputs, outputs, _ = build(AlbefForVisualReasoning, "nlvr", distill=True)
+    check_nlvr(model, inputs, outputs)
+    pairs = _pairs(inputs)
     model.train()
     out = model(
         pairs, inputs["input_ids"], inputs["attention_mask"], labels=inputs["targets"], alpha=float(inputs["alpha"])
@@ -261,11 +266,17 @@ def test_nlvr():
     assert_after_step(model, outputs, ATOL)
 
 
-def test_ve():
-    model, inputs, outputs, _ = build(AlbefForVisualEntailment, "ve", distill=True, num_labels=3)
+def check_ve(model, inputs, outputs, meta=None):
     with torch.no_grad():
         logits = model(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]).logits
+        image_states = model.vision_model(inputs["pixel_values"]).last_hidden_state
+    assert_close(image_states, outputs["image_embeds"], ATOL, name="image_embeds")
     assert_close(logits, outputs["logits"], ATOL, name="ve logits")
+
+
+def test_ve():
+    model, inputs, outputs, _ = build(AlbefForVisualEntailment, "ve", distill=True, num_labels=3)
+    check_ve(model, inputs, outputs)
     model.train()
     out = model(
         inputs["pixel_values"],
@@ -278,8 +289,7 @@ def test_ve():
     assert_after_step(model, outputs, ATOL)
 
 
-def test_text_assignment():
-    model, inputs, outputs, _ = build(AlbefForTextAssignment, "pretrain_nlvr", num_labels=3)
+def check_text_assignment(model, inputs, outputs, meta=None):
     with torch.no_grad():
         image_states = model.vision_model(inputs["pixel_values"]).last_hidden_state
         weights = model.assignment_weights(image_states)
@@ -302,3 +312,28 @@ def test_text_assignment():
     assert_close(out.logits, outputs["ta_logits"], ATOL, name="ta_logits")
     assert_close(out.logits, outputs["ta_logits_direct"], ATOL, name="ta_logits_direct")
     assert_close(out.loss, outputs["loss"], ATOL, name="ta loss")
+
+
+def test_text_assignment():
+    model, inputs, outputs, _ = build(AlbefForTextAssignment, "pretrain_nlvr", num_labels=3)
+    check_text_assignment(model, inputs, outputs)
+
+
+def check_pos_embed_interpolation(model, inputs, outputs, meta=None):
+    assert_close(
+        model.vision_model.embeddings.position_embeddings, outputs["interpolated_pos_embed"], ATOL, name="pos_embed"
+    )
+
+
+# Eval-mode checks of each fixture kind: the converter's tests run them on the folders it writes.
+EVAL_CHECKS = {
+    "pretrain": [check_itc_itm],
+    "retrieval": [check_itc_itm],
+    "grounding": [check_itc_itm],
+    "retrieval_from_pretrain": [check_pos_embed_interpolation, check_itc_itm],
+    "vqa": [_vqa_checks],
+    "vqa_from_pretrain": [_vqa_checks],
+    "nlvr": [check_nlvr],
+    "ve": [check_ve],
+    "pretrain_nlvr": [check_text_assignment],
+}

@@ -16,6 +16,7 @@ from transformers import (
     BertTokenizer,
 )
 
+from . import hub
 from .configuration_albef import ALBEF_PRESETS, AlbefConfig, AlbefTextConfig, AlbefVisionConfig
 from .grounding import AlbefGradCamOutput
 from .image_processing_albef import AlbefImageProcessor
@@ -62,6 +63,7 @@ def _register():
 _register()
 
 __all__ = [
+    "hub",
     "ALBEF_PRESETS",
     "AlbefAnswerRanking",
     "AlbefClassifierOutput",

@@ -10,12 +10,19 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput, logging
 
-from . import objectives
 from .configuration_albef import AlbefConfig
 from .modeling_albef_base import AlbefPreTrainedModel
 from .modeling_albef_text import AlbefPredictionHead, AlbefTextModel
 from .modeling_albef_vision import AlbefVisionModel
 from .momentum import AlbefMomentum
+from .objectives import (
+    distilled_classification_loss,
+    itc_loss,
+    mask_tokens,
+    mlm_loss,
+    pick_hard_negatives,
+    soft_targets,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -265,12 +272,12 @@ class AlbefForRetrieval(AlbefModel):
                 image_ids = image_ids.view(-1, 1)
                 positives = torch.eq(image_ids, torch.cat([image_ids.t(), momentum.idx_queue.clone()], dim=1)).float()
                 targets = positives / positives.sum(1, keepdim=True)
-            targets_i2t = objectives.soft_targets(image_feat_m @ text_feat_all / self.temp, targets, alpha)
-            targets_t2i = objectives.soft_targets(text_feat_m @ image_feat_all / self.temp, targets, alpha)
+            targets_i2t = soft_targets(image_feat_m @ text_feat_all / self.temp, targets, alpha)
+            targets_t2i = soft_targets(text_feat_m @ image_feat_all / self.temp, targets, alpha)
 
         sim_i2t = image_feat @ text_feat_all / self.temp
         sim_t2i = text_feat @ image_feat_all / self.temp
-        loss_itc = objectives.itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
+        loss_itc = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
         momentum.enqueue(image_feat_m, text_feat_m, image_ids)
 
         fused_pos = self.fuse(text_states, attention_mask, image_states)
@@ -286,8 +293,8 @@ class AlbefForRetrieval(AlbefModel):
                 same_image = torch.eq(image_ids, image_ids.t())
                 weights_i2t.masked_fill_(same_image, 0)
                 weights_t2i.masked_fill_(same_image, 0)
-            negative_images = objectives.pick_hard_negatives(weights_t2i, hard_negatives)  # one per text
-            negative_texts = objectives.pick_hard_negatives(weights_i2t, hard_negatives)  # one per image
+            negative_images = pick_hard_negatives(weights_t2i, hard_negatives)  # one per text
+            negative_texts = pick_hard_negatives(weights_i2t, hard_negatives)  # one per image
 
         fused_neg = self.fuse(
             torch.cat([text_states, text_states[negative_texts]]),
@@ -397,7 +404,7 @@ class AlbefForPreTraining(AlbefForRetrieval):
 
         if masked_input_ids is None:
             tc = self.config.text_config
-            masked_input_ids, mlm_labels = objectives.mask_tokens(
+            masked_input_ids, mlm_labels = mask_tokens(
                 input_ids,
                 tc.vocab_size,
                 self.config.mlm_probability,
@@ -408,7 +415,7 @@ class AlbefForPreTraining(AlbefForRetrieval):
         with torch.no_grad():
             teacher = self.mlm_logits(masked_input_ids, attention_mask, out["image_states_m"], towers=self.momentum)
         logits = self.mlm_logits(masked_input_ids, attention_mask, out["image_states"])
-        loss_mlm = objectives.mlm_loss(logits, mlm_labels, teacher, alpha)
+        loss_mlm = mlm_loss(logits, mlm_labels, teacher, alpha)
         return AlbefOutput(
             loss=out["loss_itc"] + out["loss_itm"] + loss_mlm,
             loss_itc=out["loss_itc"],
@@ -470,7 +477,7 @@ class _AlbefClassifier(AlbefPreTrainedModel):
                     self.momentum.update(self)
                     teacher, _ = self._logits(pixel_values, input_ids, attention_mask, self.momentum)
             alpha = self.config.alpha if alpha is None else alpha
-            loss = objectives.distilled_classification_loss(logits, labels.view(-1), teacher, alpha)
+            loss = distilled_classification_loss(logits, labels.view(-1), teacher, alpha)
         return AlbefClassifierOutput(loss=loss, logits=logits, fused_last_hidden_state=states)
 
 
@@ -532,7 +539,7 @@ class AlbefForTextAssignment(AlbefPreTrainedModel):
         left, right, labels = [], [], []
         for b in range(batch):
             if uniform() > 1 / 3:
-                other = int(objectives.pick_hard_negatives(weights[b : b + 1], hard_negatives))
+                other = int(pick_hard_negatives(weights[b : b + 1], hard_negatives))
                 own_left = uniform() > 0.5
                 left.append(b if own_left else other)
                 right.append(other if own_left else b)

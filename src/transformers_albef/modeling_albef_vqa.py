@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from . import objectives
 from .configuration_albef import AlbefConfig
 from .modeling_albef import _check_pairs
 from .modeling_albef_base import AlbefPreTrainedModel
 from .modeling_albef_text import AlbefPredictionHead, AlbefTextModel
 from .modeling_albef_vision import AlbefVisionModel
+from .objectives import sequence_lm_loss
 
 
 @dataclass
@@ -129,7 +129,7 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel):
                 teacher = teacher[:, :-1]
         logits = self.answer_logits(answer_input_ids, answer_attention_mask, states, masks)
         alpha = self.config.alpha if alpha is None else alpha
-        per_answer = objectives.sequence_lm_loss(logits[:, :-1], targets[:, 1:], teacher, alpha)
+        per_answer = sequence_lm_loss(logits[:, :-1], targets[:, 1:], teacher, alpha)
         loss = (weights * per_answer).sum() / batch
         return AlbefQuestionAnsweringOutput(loss=loss, question_states=question_states)
 
@@ -174,7 +174,7 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel):
             attention_mask.repeat_interleave(k, dim=0),
         )
         targets = candidates.masked_fill(candidates == pad, -100)
-        nll = objectives.sequence_lm_loss(logits[:, :-1], targets[:, 1:])
+        nll = sequence_lm_loss(logits[:, :-1], targets[:, 1:])
         scores = (topk_probs.reshape(-1).log() - nll).view(num_questions, k)
         probs, rerank = F.softmax(scores, dim=-1).topk(k, dim=1)
         ids = torch.gather(topk_ids, 1, rerank)
