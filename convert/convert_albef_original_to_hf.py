@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, BertTokenizer
+import transformers
+from transformers import AutoConfig, BertTokenizer
 
 import transformers_albef as ta
 from transformers_albef.conversion import detect_kind, load_original_checkpoint
@@ -101,12 +102,15 @@ def probe(model) -> dict[str, torch.Tensor]:
 
 
 def verify_reload(model, folder: Path) -> float:
-    """Reload `folder` with the Auto classes and return the largest output difference to `model`."""
+    """Reload `folder` with the head's class and every Auto class its `auto_map` lists (AutoModel only where the
+    ITC model is part of the head), and return the largest output difference of the head to `model`."""
     config = AutoConfig.from_pretrained(folder)
     assert type(config) is ta.AlbefConfig, f"AutoConfig gave {type(config).__name__}"
+    for name, expected in ta.hub.auto_map_classes(model).items():
+        if name != "AutoConfig" and isinstance(model, expected):
+            loaded = getattr(transformers, name).from_pretrained(folder)
+            assert type(loaded) is expected, f"{name} gave {type(loaded).__name__}, expected {expected.__name__}"
     reloaded = type(model).from_pretrained(folder, attn_implementation=model.config._attn_implementation).eval()
-    base = AutoModel.from_pretrained(folder)
-    assert type(base) is ta.AlbefModel, f"AutoModel gave {type(base).__name__}"
     want, got = probe(model), probe(reloaded)
     return max(float((want[name] - got[name]).abs().max()) for name in want)
 

@@ -52,7 +52,7 @@ class HubPushError(RuntimeError):
 
 def auto_map(model) -> dict[str, str]:
     """The `auto_map` of `config.json` for `model`: AutoConfig, AutoModel and the task Auto classes that fit it."""
-    return {name: _class_reference(cls) for name, cls in _auto_classes(model).items()}
+    return {name: _class_reference(cls) for name, cls in auto_map_classes(model).items()}
 
 
 def code_files(*classes: type) -> list[Path]:
@@ -76,7 +76,7 @@ def save_for_hub(model, processor, folder: str | Path, card: ModelCard | str | N
     """
     folder = Path(folder)
     model.save_pretrained(folder)
-    classes = [type(model), *_auto_classes(model).values()]
+    classes = [type(model), *auto_map_classes(model).values()]
     if processor is not None:
         processor.save_pretrained(folder)
         classes += [type(processor), type(processor.image_processor)]
@@ -180,7 +180,8 @@ def unreachable_code_files(folder: str | Path) -> list[str]:
     return sorted(path.name for path in folder.glob("*.py") if path.name not in reached)
 
 
-def _auto_classes(model) -> dict[str, type]:
+def auto_map_classes(model) -> dict[str, type]:
+    """Auto class name -> the class it loads for `model`'s repo (see `auto_map`)."""
     config_class = type(model.config)
     classes = {"AutoConfig": config_class}
     for auto_class in (AutoModel, *TASK_AUTO_CLASSES):

@@ -436,7 +436,6 @@ class _AlbefClassifier(AlbefPreTrainedModel):
     config: AlbefConfig
     main_input_name = "pixel_values"
     momentum_module_names = ("vision_model", "text_model", "classifier")
-    accepts_loss_kwargs = False
 
     def __init__(self, config: AlbefConfig):
         super().__init__(config)
@@ -508,7 +507,6 @@ class AlbefForTextAssignment(AlbefPreTrainedModel):
 
     config: AlbefConfig
     main_input_name = "pixel_values"
-    accepts_loss_kwargs = False
     trains_with_momentum = False  # the original text-assignment model has no momentum towers
 
     def __init__(self, config: AlbefConfig):

@@ -50,6 +50,8 @@ class AlbefPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    # Every head's loss is already a mean over its batch: Trainer must not rescale it by the number of processes.
+    accepts_loss_kwargs = False
     # Momentum towers and queues are training state: an inference head loads a training checkpoint silently.
     _keys_to_ignore_on_load_unexpected = [r"^momentum\."]
 

@@ -48,7 +48,6 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel):
     main_input_name = "pixel_values"
     momentum_module_names = ("vision_model", "text_model", "text_decoder", "lm_head")
     tied_weights = {"lm_head.decoder.weight": "text_decoder.embeddings.word_embeddings.weight"}
-    accepts_loss_kwargs = False
 
     def __init__(self, config: AlbefConfig):
         super().__init__(config)
