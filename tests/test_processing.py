@@ -267,8 +267,8 @@ def test_auto_classes_round_trip(processor, tmp_path):
     [
         ({}, "needs `images`, `text` or both"),
         ({"text": []}, "empty list of texts"),
-        ({"text": 5}, "string or a list of strings"),
-        ({"text": ["a", None]}, "string or a list of strings"),
+        ({"text": 5}, "string or a sequence of strings"),
+        ({"text": ["a", None]}, "string or a sequence of strings"),
         ({"text": "a", "clean_text": "title"}, "`clean_text` must be"),
         ({"text": "a", "max_length": 0}, "at least 1"),
         ({"text": "a", "add_special_tokens": False}, "always start with \\[CLS\\]"),

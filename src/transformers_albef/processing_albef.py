@@ -1,6 +1,7 @@
 """Processor class for ALBEF, and the text cleaning of the original datasets."""
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -187,9 +188,10 @@ class AlbefProcessor(ProcessorMixin):
                 "ALBEF texts always start with [CLS]; use `processor.tokenizer` directly for bare word pieces."
             )
 
-        texts = [text] if isinstance(text, str) else text
-        if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"AlbefProcessor expects text as a string or a list of strings, got {text!r}.")
+        # Any sequence of strings (a list, or a `datasets` column); a single string is a batch of one.
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, Sequence) else text
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"AlbefProcessor expects text as a string or a sequence of strings, got {text!r}.")
         if not texts:
             raise ValueError("AlbefProcessor got an empty list of texts.")
 

@@ -12,6 +12,9 @@ def encode_for_retrieval(model, pixel_values, input_ids, attention_mask, batch_s
     """Tower outputs and normalised ITC embeddings of every image and text, in batches."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    # Batches move to the model's device one at a time: a whole evaluation set need not fit there.
+    device = model.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     text_states, text_embeds = [], []
     for start in range(0, input_ids.shape[0], batch_size):
         states = model.text_model(
@@ -21,7 +24,7 @@ def encode_for_retrieval(model, pixel_values, input_ids, attention_mask, batch_s
         text_embeds.append(F.normalize(model.text_proj(states[:, 0]), dim=-1))
     image_states, image_embeds = [], []
     for start in range(0, pixel_values.shape[0], batch_size):
-        states = model.vision_model(pixel_values[start : start + batch_size]).last_hidden_state
+        states = model.vision_model(pixel_values[start : start + batch_size].to(device)).last_hidden_state
         image_states.append(states)
         image_embeds.append(F.normalize(model.vision_proj(states[:, 0]), dim=-1))
     return (
