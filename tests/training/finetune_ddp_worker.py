@@ -1,0 +1,55 @@
+"""One process of the 2-process fine-tuning test (run by `torchrun --nproc_per_node 2`).
+
+Fine-tunes the tiny retrieval head (its feature queues gather across processes) and SNLI-VE head (its batches have
+`labels`, the case where Trainer would rescale the loss of a head that accepted loss kwargs) for 2 steps with
+`AlbefTrainer` (gloo) and writes, per rank, the loss the model returned at every training forward and the losses
+Trainer logged, to compare them in the test.
+
+usage: finetune_ddp_worker.py IMAGE_DIR OUTPUT_DIR
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `tests.*`
+
+from tests.training.finetune_helpers import (  # noqa: E402
+    ANSWER_LIST,
+    processor,
+    tiny_model,
+    train_rows,
+    training_args,
+)
+from transformers_albef.training.finetune import build_trainer  # noqa: E402
+
+
+def main(image_dir: str, output_dir: str):
+    rank = int(os.environ["RANK"])
+    images = sorted(str(p) for p in Path(image_dir).glob("*.png"))
+    results = {}
+    for task in ("retrieval", "ve"):
+        torch.manual_seed(0)  # same initial weights on both ranks, as DDP expects
+        # queue 16 > 2 steps x global batch 4: the pointer shows both processes' features were queued
+        model = tiny_model(task, queue_size=16)
+        losses = []
+        model.register_forward_hook(lambda module, args, output, seen=losses: seen.append(output.loss.item()))
+        args = training_args(
+            task, Path(output_dir) / task, per_device_train_batch_size=2, ddp_backend="gloo", max_steps=2
+        )
+        trainer = build_trainer(task, model, processor(), train_rows(task, images), args=args, answer_list=ANSWER_LIST)
+        trainer.train()
+        results[task] = {
+            "model_losses": losses,
+            "logged": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+            "world_size": torch.distributed.get_world_size(),
+            "queue_ptr": int(model.momentum.queue_ptr) if task == "retrieval" else None,
+        }
+    Path(output_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
