@@ -256,55 +256,26 @@ _ZS_FLICKR_4M = dict(
 )
 
 
+def _table4_accuracy(task: tuple[str, str, str, str], splits: dict[str, str], checked: tuple[str, ...], **kwargs):
+    """Accuracy rows of one Table 4 task; `task` is (task type, task name, dataset type, dataset name)."""
+    return tuple(_accuracy(*task, split, value, "Table 4", checked, **kwargs) for split, value in splits.items())
+
+
+_VQA = ("visual-question-answering", "Visual question answering", VQAV2, "VQA v2")
+_NLVR2 = ("visual-reasoning", "Visual reasoning (NLVR2)", "nlvr2", "NLVR2")
+_SNLI_VE = ("visual-entailment", "Visual entailment (SNLI-VE)", "snli-ve", "SNLI-VE")
+
+
 def _vqa(test_dev: str, test_std: str, checked: tuple[str, ...], **kwargs) -> tuple[PaperResult, ...]:
-    return tuple(
-        _accuracy(
-            "visual-question-answering",
-            "Visual question answering",
-            VQAV2,
-            "VQA v2",
-            split,
-            value,
-            "Table 4",
-            checked,
-            **kwargs,
-        )
-        for split, value in (("test-dev", test_dev), ("test-std", test_std))
-    )
+    return _table4_accuracy(_VQA, {"test-dev": test_dev, "test-std": test_std}, checked, **kwargs)
 
 
 def _nlvr2(dev: str, test_p: str, checked: tuple[str, ...], **kwargs) -> tuple[PaperResult, ...]:
-    return tuple(
-        _accuracy(
-            "visual-reasoning",
-            "Visual reasoning (NLVR2)",
-            "nlvr2",
-            "NLVR2",
-            split,
-            value,
-            "Table 4",
-            checked,
-            **kwargs,
-        )
-        for split, value in (("dev", dev), ("test-P", test_p))
-    )
+    return _table4_accuracy(_NLVR2, {"dev": dev, "test-P": test_p}, checked, **kwargs)
 
 
 def _snli_ve(val: str, test: str, checked: tuple[str, ...], **kwargs) -> tuple[PaperResult, ...]:
-    return tuple(
-        _accuracy(
-            "visual-entailment",
-            "Visual entailment (SNLI-VE)",
-            "snli-ve",
-            "SNLI-VE",
-            split,
-            value,
-            "Table 4",
-            checked,
-            **kwargs,
-        )
-        for split, value in (("val", val), ("test", test))
-    )
+    return _table4_accuracy(_SNLI_VE, {"val": val, "test": test}, checked, **kwargs)
 
 
 def _grounding(val: str, test_a: str, test_b: str, **kwargs) -> tuple[PaperResult, ...]:
