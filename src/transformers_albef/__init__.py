@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from . import hub
+from .bundled import bundled_model_path
 from .configuration_albef import ALBEF_PRESETS, AlbefConfig, AlbefTextConfig, AlbefVisionConfig
 from .grounding import AlbefGradCamOutput
 from .image_processing_albef import AlbefImageProcessor
@@ -64,6 +65,7 @@ _register()
 
 __all__ = [
     "hub",
+    "bundled_model_path",
     "ALBEF_PRESETS",
     "AlbefAnswerRanking",
     "AlbefClassifierOutput",

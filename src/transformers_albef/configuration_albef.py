@@ -135,6 +135,8 @@ class AlbefConfig(PreTrainedConfig):
     answer_rank_k (`int`, defaults to 128): first-token candidates re-scored by `rank_answers` in VQA.
     gradcam_layer (`int`, *optional*): text layer whose cross-attention Grad-CAM reads; defaults to
         `fusion_layer + 2`, the third cross-attention layer (block 8 of the 12-layer BERT).
+    answer_list (`list[str]`, *optional*): the candidate answers a VQA model was trained to rank (its
+        `answer_list.json`); the VQA pipeline and `albef vqa` rank them when no other list is given.
     """
 
     model_type = "albef"
@@ -153,6 +155,7 @@ class AlbefConfig(PreTrainedConfig):
     retrieval_k: int = 256
     answer_rank_k: int = 128
     gradcam_layer: int | None = None
+    answer_list: list[str] | None = None
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
 

@@ -122,8 +122,9 @@ def finetuning_arguments(task: str, output_dir: str, retrieval_set: str = "coco"
     )
 
 
-def _collators(task: str, processor, image_size: int):
-    """(training collator, evaluation collator) of a task, from the data package."""
+def _collators(task: str, processor, image_size: int, augment: bool = True):
+    """(training collator, evaluation collator) of a task, from the data package. Without `augment` training images
+    are only resized, as in evaluation (for data where crops, flips or colour changes alter the answer)."""
     from . import collators
     from .transforms import FINETUNE_SCALE, albef_eval_transform, albef_train_transform
 
@@ -135,7 +136,10 @@ def _collators(task: str, processor, image_size: int):
     }[task]
     # Retrieval.py tokenises training captions without truncation (pre_caption already keeps 30 words).
     options = {"max_length": None} if task == "retrieval" else {}
-    train = cls(processor, albef_train_transform(image_size, scale=FINETUNE_SCALE), **options)
+    train_transform = (
+        albef_train_transform(image_size, scale=FINETUNE_SCALE) if augment else albef_eval_transform(image_size)
+    )
+    train = cls(processor, train_transform, **options)
     return train, cls(processor, albef_eval_transform(image_size))
 
 
@@ -154,6 +158,7 @@ def build_trainer(
     k_test: int | None = None,
     lr_schedule: str = "cosine",
     distill: bool = True,
+    augment: bool = True,
     data_collator=None,
     eval_data_collator=None,
     callbacks=None,
@@ -172,6 +177,7 @@ def build_trainer(
       alpha 0.
     - `data_collator` / `eval_data_collator`: default to the task's collator with the fine-tuning training transform
       / the evaluation transform.
+    - `augment`: the original's random crop, flip and RandAugment on training images (else resize only).
     - `answer_list`: VQA candidate answers for evaluation.
     """
     if task not in TASKS:
@@ -186,7 +192,7 @@ def build_trainer(
     if not distill:
         alpha = 0.0
     if data_collator is None or eval_data_collator is None:
-        train_collator, eval_collator = _collators(task, processor, model.config.vision_config.image_size)
+        train_collator, eval_collator = _collators(task, processor, model.config.vision_config.image_size, augment)
         data_collator = data_collator or train_collator
         eval_data_collator = eval_data_collator or eval_collator
 
@@ -270,6 +276,9 @@ class FinetuneArguments:
         },
     )
     distill: bool = field(default=True, metadata={"help": "momentum distillation (all original recipes)"})
+    augment: bool = field(
+        default=True, metadata={"help": "random crop/flip/RandAugment on training images (--no_augment: resize only)"}
+    )
 
 
 def load_model(model_class, model: str | None = None, config: str | None = None):
@@ -350,6 +359,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         k_test=ft.k_test,
         lr_schedule=ft.lr_schedule,
         distill=ft.distill,
+        augment=ft.augment,
         vqa_result_dir=args.output_dir,
     )
     metrics = {}

@@ -1,0 +1,66 @@
+"""Write a trained model into the package's bundled-model folder (`transformers_albef.bundled_model_path(task)`).
+
+    python scripts/export_bundled.py --task retrieval --model runs/emoji/final
+    python scripts/export_bundled.py --task vqa --model runs/easy-vqa/model \
+        --answer-list runs/easy-vqa/data/answer_list.json
+
+The weights are stored in float16 (half the size; the bundle must stay under 25 MB) and load as float32: the saved
+config says `dtype: float32`. Training state (momentum towers, queues) is dropped. The processor is saved alongside.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+import transformers_albef as ta
+from transformers_albef.bundled import BUNDLED_ROOT
+
+CLASSES = {"retrieval": ta.AlbefForRetrieval, "vqa": ta.AlbefForQuestionAnswering}
+
+
+def export(task: str, model_dir: Path, output: Path, answer_list: list[str] | None = None) -> Path:
+    model = CLASSES[task].from_pretrained(model_dir)
+    model.momentum = None
+    model.config.distill = False
+    if answer_list is not None:
+        model.config.answer_list = answer_list
+    if (model_dir / "processor_config.json").exists():
+        processor = ta.AlbefProcessor.from_pretrained(model_dir)
+    else:
+        processor = ta.AlbefProcessor.from_bert_vocab(image_size=model.config.vision_config.image_size)
+    # Written next to the target and swapped in, so an interrupted export never leaves half a model.
+    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}-"))
+    model.to(torch.float16).save_pretrained(staging)
+    config = json.loads((staging / "config.json").read_text())
+    config["dtype"] = "float32"
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    processor.save_pretrained(staging)
+    if output.exists():
+        shutil.rmtree(output)
+    staging.rename(output)
+    return output
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(CLASSES), required=True)
+    parser.add_argument("--model", type=Path, required=True, help="trained model folder (save_pretrained)")
+    parser.add_argument("--answer-list", type=Path, help="VQA: answer_list.json stored in the config")
+    parser.add_argument("--output", type=Path, help="default: the package's bundled folder for the task")
+    args = parser.parse_args()
+    answers = json.loads(args.answer_list.read_text()) if args.answer_list else None
+    output = args.output or BUNDLED_ROOT / args.task
+    output.parent.mkdir(parents=True, exist_ok=True)
+    path = export(args.task, args.model, output, answers)
+    size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+    print(f"wrote {path} ({size:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
