@@ -1,8 +1,9 @@
 """Write a trained model into the package's bundled-model folder (`transformers_albef.bundled_model_path(task)`).
 
-    python scripts/export_bundled.py --task retrieval --model runs/emoji/final
+    python scripts/export_bundled.py --task retrieval --model runs/emoji/pretrain/final \
+        --card model_cards/bundled-retrieval.md
     python scripts/export_bundled.py --task vqa --model runs/easy-vqa/model \
-        --answer-list runs/easy-vqa/data/answer_list.json
+        --answer-list runs/easy-vqa/data/answer_list.json --card model_cards/bundled-vqa.md
 
 The weights are stored in float16 (half the size; the bundle must stay under 25 MB) and load as float32: the saved
 config says `dtype: float32`. Training state (momentum towers, queues) is dropped. The processor is saved alongside.
@@ -23,7 +24,9 @@ from transformers_albef.bundled import BUNDLED_ROOT
 CLASSES = {"retrieval": ta.AlbefForRetrieval, "vqa": ta.AlbefForQuestionAnswering}
 
 
-def export(task: str, model_dir: Path, output: Path, answer_list: list[str] | None = None) -> Path:
+def export(
+    task: str, model_dir: Path, output: Path, answer_list: list[str] | None = None, card: Path | None = None
+) -> Path:
     model = CLASSES[task].from_pretrained(model_dir)
     model.momentum = None
     model.config.distill = False
@@ -40,6 +43,8 @@ def export(task: str, model_dir: Path, output: Path, answer_list: list[str] | No
     config["dtype"] = "float32"
     (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     processor.save_pretrained(staging)
+    if card is not None:
+        shutil.copyfile(card, staging / "README.md")
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
@@ -51,12 +56,13 @@ def main() -> int:
     parser.add_argument("--task", choices=sorted(CLASSES), required=True)
     parser.add_argument("--model", type=Path, required=True, help="trained model folder (save_pretrained)")
     parser.add_argument("--answer-list", type=Path, help="VQA: answer_list.json stored in the config")
+    parser.add_argument("--card", type=Path, help="model card (markdown) saved as README.md")
     parser.add_argument("--output", type=Path, help="default: the package's bundled folder for the task")
     args = parser.parse_args()
     answers = json.loads(args.answer_list.read_text()) if args.answer_list else None
     output = args.output or BUNDLED_ROOT / args.task
     output.parent.mkdir(parents=True, exist_ok=True)
-    path = export(args.task, args.model, output, answers)
+    path = export(args.task, args.model, output, answers, args.card)
     size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
     print(f"wrote {path} ({size:.1f} MiB)")
     return 0

@@ -10,6 +10,10 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# The models under test are tiny: one intra-op thread is as fast, and test runs do not starve other work sharing the
+# cores (ALBEF_TEST_THREADS overrides).
+torch.set_num_threads(int(os.environ.get("ALBEF_TEST_THREADS", "1")))
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
