@@ -393,3 +393,17 @@ def test_invalid_configs_are_refused(config_class, kwargs, message):
     with pytest.raises(Exception, match=message) as error:
         config_class(**kwargs)
     assert isinstance(error.value, ValueError) or isinstance(error.value.__cause__, ValueError)
+
+
+def test_mlm_loss_without_masked_tokens_is_zero_not_nan():
+    from transformers_albef.objectives import mlm_loss
+
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.full((2, 5), -100)
+    for teacher in (None, torch.randn(2, 5, 11)):
+        loss = mlm_loss(logits, labels, teacher, alpha=0.4)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
+    labels[0, 1] = 3
+    expected = torch.nn.functional.cross_entropy(logits[0, 1:2], labels[0, 1:2])
+    torch.testing.assert_close(mlm_loss(logits, labels), expected)

@@ -67,7 +67,12 @@ def mlm_loss(
     logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None, alpha: float = 0.0
 ) -> torch.Tensor:
     """Masked-LM cross-entropy (mean over masked tokens), mixed with the distillation loss against
-    softmax(teacher_logits) over the same tokens: (1 - alpha) * CE + alpha * KD."""
+    softmax(teacher_logits) over the same tokens: (1 - alpha) * CE + alpha * KD.
+
+    A batch without any masked token (possible with a few short captions) gives 0, still attached to the graph; the
+    original divides by zero there and its NaN would poison the weights."""
+    if not (labels != -100).any():
+        return logits.sum() * 0.0
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     if teacher_logits is None:
         return loss
