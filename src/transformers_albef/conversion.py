@@ -723,6 +723,24 @@ def from_original(
     return model.eval()
 
 
+def vqa_init_from_pretraining(state_dict: Mapping[str, torch.Tensor], config: AlbefConfig):
+    """The initial weights of an `AlbefForQuestionAnswering` fine-tuned from a pre-trained ALBEF in this package's
+    format (e.g. the `final` folder of `albef-pretrain`), as VQA.py builds them from an original pre-training
+    checkpoint: the answer decoder starts as the encoder's embeddings, fusion layers (renumbered from 0) and MLM head.
+
+    Returns `(state_dict, config)`: `config` is a copy with `decoder_num_hidden_layers` set to the number of fusion
+    layers (the decoder is made of them) and without momentum towers unless `config.distill` was set."""
+    config = copy.deepcopy(config)
+    text = config.text_config
+    config.decoder_num_hidden_layers = text.num_hidden_layers - text.fusion_layer
+    converted = _Converted(ConversionReport("pretrain", "vqa"))
+    for key, tensor in state_dict.items():
+        if not key.startswith(("itm_head.", "vision_proj.", "text_proj.", "temp", "momentum.image_queue")):
+            converted.put(key, tensor, key)
+    _decoder_from_encoder(converted, config)
+    return converted.tensors, config
+
+
 __all__ = [
     "ConversionReport",
     "config_from_state_dict",
@@ -733,4 +751,5 @@ __all__ = [
     "load_original_checkpoint",
     "rename_key",
     "tied_keys",
+    "vqa_init_from_pretraining",
 ]

@@ -342,3 +342,31 @@ def test_two_processes_log_the_mean_loss_not_a_multiple(images, tmp_path):
         assert ranks[0][task]["logged"] == pytest.approx(mean, rel=1e-5), task
     # the feature queue holds both processes' features: 2 steps x (2 processes x 2 pairs)
     assert ranks[0]["retrieval"]["queue_ptr"] == ranks[1]["retrieval"]["queue_ptr"] == 8
+
+
+def test_vqa_fine_tuning_starts_from_a_pretrained_folder(tmp_path):
+    """As VQA.py: the answer decoder starts as the pre-trained encoder's embeddings, fusion layers and MLM head."""
+    from transformers_albef import AlbefForPreTraining, AlbefForQuestionAnswering
+    from transformers_albef.training.finetune import load_model
+
+    pretrained = AlbefForPreTraining(tiny_config(distill=True))
+    pretrained.save_pretrained(tmp_path)
+    model = load_model(AlbefForQuestionAnswering, str(tmp_path))
+    text = pretrained.config.text_config
+    assert model.config.decoder_num_hidden_layers == text.num_hidden_layers - text.fusion_layer
+    source, target = pretrained.state_dict(), model.state_dict()
+    for key, value in target.items():
+        if key.startswith("text_decoder.encoder.layer."):
+            index, rest = key.split(".")[3], ".".join(key.split(".")[4:])
+            origin = f"text_model.encoder.layer.{int(index) + text.fusion_layer}.{rest}"
+        elif key.startswith(("text_decoder.", "lm_head.")):
+            origin = key.replace("text_decoder.", "text_model.", 1).replace("lm_head.", "mlm_head.", 1)
+        elif key.startswith(("vision_model.", "text_model.")):
+            origin = key
+        else:
+            continue
+        torch.testing.assert_close(value, source[origin], rtol=0, atol=0, msg=key)
+    # Fine-tuning without distillation drops the momentum towers the pre-training folder brought.
+    args = finetuning_arguments("vqa", str(tmp_path / "out"))
+    trainer = build_trainer("vqa", model, processor(), args=args, distill=False)
+    assert trainer.model.momentum is None

@@ -191,6 +191,9 @@ def build_trainer(
         model.init_momentum()
     if not distill:
         alpha = 0.0
+        if task != "retrieval" and getattr(model, "momentum", None) is not None:
+            model.momentum = None  # no teacher to run: the towers would cost a forward pass per step for nothing
+            model.config.distill = False
     if data_collator is None or eval_data_collator is None:
         train_collator, eval_collator = _collators(task, processor, model.config.vision_config.image_size, augment)
         data_collator = data_collator or train_collator
@@ -292,8 +295,41 @@ def load_model(model_class, model: str | None = None, config: str | None = None)
         return model_class(config_obj or AlbefConfig.from_preset(model))
     if Path(model).is_file():
         return model_class.from_original(model, config=config_obj)
+    if model_class is AlbefForQuestionAnswering and _is_pretraining_folder(model):
+        return _vqa_from_pretraining(model)
     kwargs = {"config": config_obj} if config_obj is not None else {}
     return model_class.from_pretrained(model, **kwargs)
+
+
+def _is_pretraining_folder(model: str) -> bool:
+    """A local folder whose model has no answer decoder (a pre-training or retrieval model)."""
+    weights = Path(model) / "model.safetensors"
+    if not weights.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        return not any(key.startswith("text_decoder.") for key in f.keys())
+
+
+def _vqa_from_pretraining(folder: str) -> AlbefForQuestionAnswering:
+    """VQA.py's initialisation from a pre-trained model: the answer decoder starts as the encoder's fusion layers."""
+    from safetensors.torch import load_file
+
+    from ..conversion import vqa_init_from_pretraining
+
+    state_dict, config = vqa_init_from_pretraining(
+        load_file(Path(folder) / "model.safetensors"), AlbefConfig.from_pretrained(folder)
+    )
+    model = AlbefForQuestionAnswering(config)
+    expected = model.state_dict()
+    missing, _ = model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [key for key in missing if key not in tied]
+    if missing:
+        raise ValueError(f"{folder} is not an ALBEF pre-training model: the VQA initialisation lacks {missing[:5]}")
+    logger.info("VQA model initialised from the pre-trained model in %s (answer decoder = fusion layers)", folder)
+    return model
 
 
 def load_processor(processor: str | None, model: str | None, image_size: int) -> AlbefProcessor:
