@@ -33,7 +33,8 @@ def gradcam(model, pixel_values, input_ids, attention_mask=None, mode: str = "it
 
     `mode="itm"` (default): the cross-attention probabilities of text layer `layer` (default
     `config.gradcam_layer`, else `fusion_layer + 2`: the third cross-attention layer, block 8 of the 12-layer BERT;
-    the last layer if there are fewer)
+    the last-but-one layer if there are fewer: in the last layer only [CLS] reaches the ITM head, so every word's
+    gradient there is zero)
     times their positive gradient of the ITM match logit, averaged over heads (and over tokens for `gradcam`).
     `mode="itc"`: the [CLS]-query attention row of ViT block `layer` (default: block 8 of 12, the original
     `--block_num`) times the positive gradient of the ITC similarity of the pair.
@@ -60,8 +61,9 @@ def _itm_gradcam(model, pixel_values, input_ids, attention_mask, layer):
     text_config = model.config.text_config
     if layer is None:
         layer = model.config.gradcam_layer
-    if layer is None:  # clamped for models with fewer than three fusion layers
-        layer = min(text_config.fusion_layer + 2, text_config.num_hidden_layers - 1)
+    if layer is None:  # models with fewer than three fusion layers: the last layer would give flat word maps
+        last_useful = max(text_config.fusion_layer, text_config.num_hidden_layers - 2)
+        layer = min(text_config.fusion_layer + 2, last_useful)
     if not text_config.fusion_layer <= layer < text_config.num_hidden_layers:
         raise ValueError(
             f"ITM Grad-CAM reads a fusion layer: layer must be in [{text_config.fusion_layer}, "
