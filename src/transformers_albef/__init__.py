@@ -36,6 +36,7 @@ from .modeling_albef_text import AlbefTextModel
 from .modeling_albef_vision import AlbefVisionModel
 from .modeling_albef_vqa import AlbefAnswerRanking, AlbefForQuestionAnswering, AlbefQuestionAnsweringOutput
 from .objectives import mask_tokens
+from .pipelines import register_pipelines
 from .processing_albef import AlbefProcessor, pre_caption, pre_question
 
 __version__ = "0.1.0"
@@ -62,6 +63,7 @@ def _register():
 
 
 _register()
+register_pipelines()
 
 __all__ = [
     "hub",
@@ -90,4 +92,5 @@ __all__ = [
     "mask_tokens",
     "pre_caption",
     "pre_question",
+    "register_pipelines",
 ]

@@ -100,6 +100,8 @@ class AlbefModel(AlbefPreTrainedModel):
     momentum_module_names: tuple[str, ...] = ("vision_model", "vision_proj", "text_model", "text_proj")
     momentum_image_ids = False  # retrieval also queues the image id of each feature
     trains_with_momentum = False  # the ITC-only model has no training forward
+    # The ITC model loads any ALBEF checkpoint's towers; the heads it has no use for are not worth a warning.
+    _keys_to_ignore_on_load_unexpected = [r"^momentum\.", r"^itm_head\.", r"^mlm_head\."]
 
     def __init__(self, config: AlbefConfig):
         super().__init__(config)

@@ -323,9 +323,15 @@ def _vqa_from_pretraining(folder: str) -> AlbefForQuestionAnswering:
     )
     model = AlbefForQuestionAnswering(config)
     expected = model.state_dict()
-    missing, _ = model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
+    # The decoder's cross-attention reads question states (text width) where the fusion layers read image states
+    # (vision width): with different widths those keys/values cannot be copied and start from the initialisation.
+    fresh = [k for k, v in state_dict.items() if k in expected and v.shape != expected[k].shape]
+    usable = {k: v for k, v in state_dict.items() if k in expected and k not in fresh}
+    missing, _ = model.load_state_dict(usable, strict=False)
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    missing = [key for key in missing if key not in tied]
+    missing = [key for key in missing if key not in tied and key not in fresh]
+    if fresh:
+        logger.warning("VQA initialisation: %d tensors of another width left at initialisation: %s", len(fresh), fresh)
     if missing:
         raise ValueError(f"{folder} is not an ALBEF pre-training model: the VQA initialisation lacks {missing[:5]}")
     logger.info("VQA model initialised from the pre-trained model in %s (answer decoder = fusion layers)", folder)

@@ -1,0 +1,489 @@
+"""The ALBEF pipelines through `transformers.pipeline(...)`, on the bundled models with their real tokenizer.
+
+The bundled weights may be random or trained: the tests check behaviour (inputs, shapes, errors) and that every
+result equals the model methods called directly, never the quality of the answers."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from transformers import pipeline
+from transformers.pipelines import PIPELINE_REGISTRY
+from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
+
+import transformers_albef
+from transformers_albef import AlbefForQuestionAnswering, AlbefForRetrieval, AlbefModel, AlbefProcessor
+from transformers_albef.pipelines import (
+    AlbefImageTextRetrievalPipeline,
+    AlbefVisualQuestionAnsweringPipeline,
+    AlbefZeroShotImageClassificationPipeline,
+    register_pipelines,
+)
+
+RETRIEVAL = str(transformers_albef.bundled_model_path("retrieval"))
+VQA = str(transformers_albef.bundled_model_path("vqa"))
+CLS, SEP = 101, 102
+LABELS = ["red circle", "blue square", "green triangle", "yellow star"]
+CAPTIONS = ["A red circle.", "a blue square", "a green triangle!", "a red square on white"]
+
+
+def draw(colour: str, shape: str, size: int = 96) -> Image.Image:
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    box = (size // 6, size // 6, size - size // 6, size - size // 6)
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([(size // 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=colour)
+    return image
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [draw("red", "circle"), draw("blue", "square"), draw("green", "triangle")]
+
+
+@pytest.fixture(scope="module")
+def image_paths(images, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(folder / f"image_{index}.png")
+        image.save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return pipeline("zero-shot-image-classification", model=RETRIEVAL)
+
+
+@pytest.fixture(scope="module")
+def retriever():
+    return pipeline("albef-image-text-retrieval", model=RETRIEVAL)
+
+
+@pytest.fixture(scope="module")
+def vqa():
+    return pipeline("albef-visual-question-answering", model=VQA)
+
+
+def pixels(pipe, images):
+    return pipe.processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def captions(pipe, texts):
+    return pipe.processor(text=texts, clean_text="caption", return_tensors="pt")
+
+
+# Registration
+
+
+def test_registration_is_idempotent_and_keeps_the_zero_shot_task_entry():
+    before = {task: dict(entry) for task, entry in PIPELINE_REGISTRY.supported_tasks.items()}
+    register_pipelines()
+    assert PIPELINE_REGISTRY.supported_tasks == before
+    entry = PIPELINE_REGISTRY.supported_tasks["zero-shot-image-classification"]
+    assert entry["impl"] is AlbefZeroShotImageClassificationPipeline
+    assert entry["default"]["model"][0] == "openai/clip-vit-base-patch32"  # only the implementation changed
+    for task in (
+        "albef-image-text-retrieval",
+        "albef-visual-question-answering",
+        "albef-image-feature-extraction",
+        "albef-text-feature-extraction",
+    ):
+        assert task in PIPELINE_REGISTRY.get_supported_tasks()
+
+
+def test_removed_vqa_task_name_still_raises():
+    with pytest.raises(Exception, match="image-text-to-text"):
+        pipeline("visual-question-answering", model=VQA)
+
+
+# Zero-shot image classification
+
+
+def test_zero_shot_encodes_prompts_with_the_albef_processor(classifier, images):
+    assert isinstance(classifier, AlbefZeroShotImageClassificationPipeline)
+    assert isinstance(classifier.model, AlbefModel) and isinstance(classifier.processor, AlbefProcessor)
+    inputs = classifier.preprocess(images[0], candidate_labels=["Red-Circle!", "blue"], hypothesis_template="{}")
+    ids = inputs["text_inputs"][0]["input_ids"]
+    assert "token_type_ids" not in inputs["text_inputs"][0]
+    # [CLS] + cleaned caption ("red circle"), no [SEP], as ALBEF was trained.
+    assert classifier.tokenizer.convert_ids_to_tokens(ids[0]) == ["[CLS]", "red", "circle"]
+    assert (ids[:, 0] == CLS).all() and not (ids == SEP).any()
+    reference = AlbefProcessor.from_pretrained(RETRIEVAL)(text=["Red-Circle!", "blue"], clean_text="caption")
+    assert ids.tolist() == reference["input_ids"]
+
+
+def test_zero_shot_equals_the_model_logits(classifier, images):
+    result = classifier(images[0], candidate_labels=LABELS)
+    assert [r["label"] for r in result] and sorted(r["label"] for r in result) == sorted(LABELS)
+    assert [r["score"] for r in result] == sorted((r["score"] for r in result), reverse=True)
+    prompts = [f"a picture of {label}" for label in LABELS]  # the default template
+    with torch.no_grad():
+        logits = classifier.model(pixel_values=pixels(classifier, images[:1]), **captions(classifier, prompts))
+    expected = logits.logits_per_image.softmax(-1)[0]
+    got = {r["label"]: r["score"] for r in result}
+    torch.testing.assert_close(torch.tensor([got[label] for label in LABELS]), expected)
+    assert sum(got.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_zero_shot_prompt_ensemble_averages_normalised_text_embeddings(classifier, images):
+    templates = ["a picture of {}", "a photo of a {}."]
+    result = classifier(images[1], candidate_labels=LABELS, hypothesis_template=templates)
+    model = classifier.model
+    with torch.no_grad():
+        image = model.get_image_features(pixels(classifier, images[1:2]))
+        prompts = [[template.format(label) for label in LABELS] for template in templates]
+        per_template = [model.get_text_features(**captions(classifier, texts)) for texts in prompts]
+        text = F.normalize(torch.stack(per_template).mean(0), dim=-1)
+    expected = (image @ text.t() / model.temp).softmax(-1)[0]
+    got = {r["label"]: r["score"] for r in result}
+    torch.testing.assert_close(torch.tensor([got[label] for label in LABELS]), expected)
+
+
+def test_zero_shot_batches_and_reads_paths(classifier, images, image_paths):
+    one_by_one = [classifier(image, candidate_labels=LABELS) for image in images]
+    batched = classifier([str(p) for p in image_paths], candidate_labels=LABELS, batch_size=2)
+    assert len(batched) == len(images)
+    for single, batch in zip(one_by_one, batched):
+        assert [r["label"] for r in single] == [r["label"] for r in batch]
+        torch.testing.assert_close([r["score"] for r in single], [r["score"] for r in batch], atol=1e-5, rtol=0)
+    # pathlib paths are accepted too
+    from_path = classifier(image_paths[0], candidate_labels=LABELS)
+    assert from_path == classifier(str(image_paths[0]), candidate_labels=LABELS)
+
+
+def test_zero_shot_itm_rerank(images):
+    model = AlbefForRetrieval.from_pretrained(RETRIEVAL)
+    processor = AlbefProcessor.from_pretrained(RETRIEVAL)
+    classifier = pipeline("zero-shot-image-classification", model=model, processor=processor)
+    plain = classifier(images[0], candidate_labels=LABELS)
+    reranked = classifier(images[0], candidate_labels=LABELS, rerank_top_k=2)
+    # The ITC top 2 come first, ordered by ITM; ITC scores are unchanged; the rest keep their ITC order.
+    assert {r["label"] for r in reranked[:2]} == {r["label"] for r in plain[:2]}
+    assert [r["label"] for r in reranked[2:]] == [r["label"] for r in plain[2:]]
+    assert all("itm_score" not in r for r in reranked[2:])
+    assert reranked[0]["itm_score"] >= reranked[1]["itm_score"]
+    itc = {r["label"]: r["score"] for r in plain}
+    assert all(r["score"] == pytest.approx(itc[r["label"]]) for r in reranked)
+    labels = [r["label"] for r in reranked[:2]]
+    with torch.no_grad():
+        out = model(
+            pixel_values=pixels(classifier, [images[0]] * 2),
+            **captions(classifier, [f"a picture of {label}" for label in labels]),
+            use_itm_head=True,
+        )
+    torch.testing.assert_close(torch.tensor([r["itm_score"] for r in reranked[:2]]), out.itm_logits.softmax(-1)[:, 1])
+
+
+def test_zero_shot_errors(classifier, images):
+    with pytest.raises(ValueError, match="candidate_labels"):
+        classifier(images[0])
+    with pytest.raises(ValueError, match="empty"):
+        classifier(images[0], candidate_labels=[])
+    with pytest.raises(ValueError, match="unique"):
+        classifier(images[0], candidate_labels=["cat", "cat"])
+    with pytest.raises(ValueError, match="template"):
+        classifier(images[0], candidate_labels=["cat"], hypothesis_template="a photo")
+    with pytest.raises(ValueError, match="AlbefForRetrieval"):
+        classifier(images[0], candidate_labels=["cat", "dog"], rerank_top_k=1)  # AlbefModel has no ITM head
+    with pytest.raises(ValueError, match="image"):
+        classifier(None, candidate_labels=["cat"])
+
+
+def test_zero_shot_is_unchanged_for_other_models(images, tmp_path):
+    """The replaced implementation is transformers' own pipeline for non-ALBEF models (a tiny random CLIP)."""
+    from transformers import BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    tokenizer = BertTokenizer(vocab=str(transformers_albef.processing_albef.BERT_VOCAB), model_max_length=77)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, eos_token_id=SEP,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+            patch_size=16,
+        ),
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+
+    ours = pipeline("zero-shot-image-classification", model=str(tmp_path))
+    assert isinstance(ours, AlbefZeroShotImageClassificationPipeline) and not ours._albef
+    builtin = ZeroShotImageClassificationPipeline(
+        model=ours.model, tokenizer=ours.tokenizer, image_processor=ours.image_processor
+    )
+    for kwargs in ({}, {"hypothesis_template": "{}"}, {"batch_size": 2}):
+        inputs = images if "batch_size" in kwargs else images[0]
+        assert ours(inputs, candidate_labels=LABELS, **kwargs) == builtin(inputs, candidate_labels=LABELS, **kwargs)
+    with pytest.raises(ValueError, match="ALBEF"):
+        ours(images[0], candidate_labels=LABELS, rerank_top_k=2)
+
+
+# Image-text retrieval
+
+
+def test_retrieval_equals_the_original_evaluation(retriever, images):
+    assert isinstance(retriever, AlbefImageTextRetrievalPipeline) and isinstance(retriever.model, AlbefForRetrieval)
+    result = retriever(images=images, texts=CAPTIONS, top_k=2, return_tensors=True)
+    model = retriever.model
+    inputs = captions(retriever, CAPTIONS)
+    pixel_values = pixels(retriever, images)
+    with torch.no_grad():
+        score_i2t, score_t2i = model.retrieval_scores(pixel_values, inputs["input_ids"], inputs["attention_mask"], k=2)
+        itc = model.get_image_features(pixel_values) @ model.get_text_features(**inputs).t()
+    torch.testing.assert_close(result["itm_scores_i2t"], score_i2t)
+    torch.testing.assert_close(result["itm_scores_t2i"], score_t2i)
+    torch.testing.assert_close(result["itc_scores"], itc)
+
+    assert len(result["image_to_text"]) == len(images) and len(result["text_to_image"]) == len(CAPTIONS)
+    for i, ranked in enumerate(result["image_to_text"]):
+        assert [r["text_index"] for r in ranked] == score_i2t[i].topk(2).indices.tolist()
+        assert [r["text"] for r in ranked] == [CAPTIONS[r["text_index"]] for r in ranked]
+        for r in ranked:
+            assert r["score"] == pytest.approx(float(score_i2t[i, r["text_index"]]), abs=1e-6)
+            assert r["itc_score"] == pytest.approx(float(itc[i, r["text_index"]]), abs=1e-6)
+    for t, ranked in enumerate(result["text_to_image"]):
+        assert [r["image_index"] for r in ranked] == score_t2i[t].topk(2).indices.tolist()
+        assert [r["score"] for r in ranked] == pytest.approx(score_t2i[t].topk(2).values.tolist(), abs=1e-6)
+
+
+def test_retrieval_itc_only_and_defaults(retriever, images):
+    result = retriever(images=images[:2], texts=CAPTIONS, use_itm=False)
+    model = retriever.model
+    with torch.no_grad():
+        itc = (
+            model.get_image_features(pixels(retriever, images[:2]))
+            @ model.get_text_features(**captions(retriever, CAPTIONS)).t()
+        )
+    for i, ranked in enumerate(result["image_to_text"]):
+        assert len(ranked) == len(CAPTIONS)  # every candidate by default
+        assert [r["text_index"] for r in ranked] == itc[i].argsort(descending=True).tolist()
+        assert all(r["score"] == r["itc_score"] for r in ranked)
+    assert [len(ranked) for ranked in result["text_to_image"]] == [2] * len(CAPTIONS)
+    # With ITM and no top_k, every candidate is re-ranked (fewer than config.retrieval_k here).
+    assert len(retriever(images=images[:2], texts=CAPTIONS)["image_to_text"][0]) == len(CAPTIONS)
+
+
+def test_retrieval_single_inputs_paths_and_batch_size(retriever, images, image_paths):
+    reference = retriever(images=images, texts=CAPTIONS, top_k=3)
+    chunked = retriever(images=[str(p) for p in image_paths], texts=CAPTIONS, top_k=3, batch_size=2)
+    for expected, got in zip(reference["image_to_text"], chunked["image_to_text"]):
+        assert [r["text_index"] for r in expected] == [r["text_index"] for r in got]
+        assert [r["score"] for r in expected] == pytest.approx([r["score"] for r in got], abs=1e-5)
+    single = retriever(images=images[0], texts="a red circle")
+    assert len(single["image_to_text"]) == 1 and len(single["image_to_text"][0]) == 1
+    assert single["image_to_text"][0][0]["text"] == "a red circle"
+
+
+def test_retrieval_pairs_are_matched_with_itm(retriever, images):
+    result = retriever(images=images, texts=CAPTIONS[:3], pairs=True)
+    with torch.no_grad():
+        out = retriever.model(
+            pixel_values=pixels(retriever, images), **captions(retriever, CAPTIONS[:3]), use_itm_head=True
+        )
+    assert [r["image_index"] for r in result] == [0, 1, 2] and [r["text"] for r in result] == CAPTIONS[:3]
+    torch.testing.assert_close(torch.tensor([r["itm_score"] for r in result]), out.itm_logits.softmax(-1)[:, 1])
+    torch.testing.assert_close(
+        torch.tensor([r["itc_score"] for r in result]), (out.image_embeds * out.text_embeds).sum(-1)
+    )
+
+
+def test_retrieval_loads_an_itc_only_checkpoint_as_albef_model(images, tmp_path):
+    AlbefModel.from_pretrained(RETRIEVAL).save_pretrained(tmp_path)
+    AlbefProcessor.from_pretrained(RETRIEVAL).save_pretrained(tmp_path)
+    retriever = pipeline("albef-image-text-retrieval", model=str(tmp_path))
+    assert type(retriever.model) is AlbefModel
+    result = retriever(images=images, texts=CAPTIONS[:3], pairs=True)
+    assert len(result) == 3 and all("itm_score" not in r for r in result)
+    with pytest.raises(ValueError, match="AlbefForRetrieval"):
+        retriever(images=images, texts=CAPTIONS, use_itm=True)
+
+
+def test_retrieval_errors(retriever, images):
+    with pytest.raises(ValueError, match="both"):
+        retriever(images=images)
+    with pytest.raises(ValueError, match="empty"):
+        retriever(images=images, texts=[])
+    with pytest.raises(ValueError, match="non-empty strings"):
+        retriever(images=images, texts=["a cat", ""])
+    with pytest.raises(ValueError, match="3 images and 4 texts"):
+        retriever(images=images, texts=CAPTIONS, pairs=True)
+    with pytest.raises(ValueError, match="top_k"):
+        retriever(images=images, texts=CAPTIONS, top_k=0)
+
+
+def test_retrieval_save_and_reload(retriever, images, tmp_path):
+    retriever.save_pretrained(tmp_path)
+    assert "custom_pipelines" not in json.loads((tmp_path / "config.json").read_text())
+    assert (tmp_path / "processor_config.json").is_file()
+    reloaded = pipeline("albef-image-text-retrieval", model=str(tmp_path))
+    assert reloaded(images=images, texts=CAPTIONS) == retriever(images=images, texts=CAPTIONS)
+
+
+# Visual question answering
+
+
+def test_vqa_ranks_the_config_answer_list(vqa, images):
+    assert isinstance(vqa, AlbefVisualQuestionAnsweringPipeline)
+    assert isinstance(vqa.model, AlbefForQuestionAnswering)
+    answer_list = vqa.model.config.answer_list
+    assert answer_list  # the bundled VQA model carries its answer list
+    result = vqa(images[0], "What colour is the shape?", top_k=3)
+    assert len(result) == 3 and all(r["answer"] in answer_list for r in result)
+    assert [r["score"] for r in result] == sorted((r["score"] for r in result), reverse=True)
+
+    question = vqa.processor(
+        text=["What colour is the shape?"], clean_text="question", truncation=False, return_tensors="pt"
+    )
+    answers = vqa.processor.encode_answers(answer_list, return_tensors="pt")
+    k = min(vqa.model.config.answer_rank_k, len(answer_list))
+    ids, probs = vqa.model.rank_answers(
+        pixels(vqa, images[:1]), question["input_ids"], question["attention_mask"],
+        answers["input_ids"], answers["attention_mask"], k=k,
+    )  # fmt: skip
+    assert [r["answer"] for r in result] == [answer_list[i] for i in ids[0, :3].tolist()]
+    torch.testing.assert_close(torch.tensor([r["score"] for r in result]), probs[0, :3])
+
+
+def test_vqa_with_an_answer_list_and_rank_k(vqa, images):
+    answer_list = ["red", "blue", "green", "circle", "square"]
+    result = vqa(image=images[1], question="what colour is it?", answer_list=answer_list, top_k=2, rank_k=3)
+    question = vqa.processor(text=["what colour is it?"], clean_text="question", truncation=False, return_tensors="pt")
+    answers = vqa.processor.encode_answers(answer_list, return_tensors="pt")
+    ids, probs = vqa.model.rank_answers(
+        pixels(vqa, images[1:2]), question["input_ids"], question["attention_mask"],
+        answers["input_ids"], answers["attention_mask"], k=3,
+    )  # fmt: skip
+    assert [r["answer"] for r in result] == [answer_list[i] for i in ids[0, :2].tolist()]
+    torch.testing.assert_close(torch.tensor([r["score"] for r in result]), probs[0, :2])
+
+
+def test_vqa_generates_without_an_answer_list(vqa, images):
+    result = vqa(images[0], "what shape is it?", mode="generate", max_new_tokens=4)
+    assert len(result) == 1 and set(result[0]) == {"answer"}
+    question = vqa.processor(text=["what shape is it?"], clean_text="question", return_tensors="pt")
+    generated = vqa.model.generate(pixels(vqa, images[:1]), question["input_ids"], question["attention_mask"], 4)
+    assert result[0]["answer"] == vqa.tokenizer.decode(generated[0], skip_special_tokens=True).strip()
+
+
+def test_vqa_without_config_answer_list_generates(images, tmp_path):
+    model = AlbefForQuestionAnswering.from_pretrained(VQA)
+    model.config.answer_list = None
+    vqa = pipeline("albef-visual-question-answering", model=model, processor=AlbefProcessor.from_pretrained(VQA))
+    assert set(vqa(images[0], "what shape is it?", max_new_tokens=2)[0]) == {"answer"}
+    with pytest.raises(ValueError, match="answer_list"):
+        vqa(images[0], "what shape is it?", mode="rank")
+    assert vqa(images[0], "what shape?", answer_list=["circle", "square"])[0]["answer"] in ("circle", "square")
+
+
+def test_vqa_input_forms_and_batching(vqa, images, image_paths):
+    question = "what is the colour of the shape?"
+    singles = [vqa(image, question, top_k=2) for image in images]
+    assert vqa({"image": images[0], "question": question}, top_k=2) == singles[0]
+    as_dicts = vqa([{"image": str(p), "question": question} for p in image_paths], top_k=2)
+    broadcast = vqa(image=images, question=question, top_k=2, batch_size=2)
+    paired = vqa(images, [question] * 3, top_k=2, batch_size=3)
+    for results in (as_dicts, broadcast, paired):
+        assert len(results) == 3
+        for expected, got in zip(singles, results):
+            assert [r["answer"] for r in expected] == [r["answer"] for r in got]
+            assert [r["score"] for r in expected] == pytest.approx([r["score"] for r in got], abs=1e-5)
+    several_questions = vqa(images[0], [question, "is it round?"])
+    assert len(several_questions) == 2 and several_questions[0] == singles[0][:1]
+
+
+def test_vqa_errors(vqa, images):
+    with pytest.raises(ValueError, match="duplicate"):
+        vqa(images[0], "what colour?", answer_list=["red", "red"])
+    with pytest.raises(ValueError, match="empty"):
+        vqa(images[0], "what colour?", answer_list=[])
+    with pytest.raises(ValueError, match="single string"):
+        vqa(images[0], "what colour?", answer_list="red")
+    with pytest.raises(ValueError, match="larger than the answer list"):
+        vqa(images[0], "what colour?", answer_list=["red", "blue"], top_k=3)
+    with pytest.raises(ValueError, match="rank_k"):
+        vqa(images[0], "what colour?", answer_list=["red", "blue"], rank_k=5)
+    with pytest.raises(ValueError, match="3 images and 2 questions"):
+        vqa(images, ["what colour?", "what shape?"])
+    with pytest.raises(ValueError, match="top_k"):
+        vqa(images[0], "what colour?", mode="generate", top_k=2)
+    with pytest.raises(ValueError, match="mode"):
+        vqa(images[0], "what colour?", mode="classify")
+    with pytest.raises(ValueError, match="question"):
+        vqa(images[0])
+    with pytest.raises(ValueError, match="'image' and a 'question'"):
+        vqa([{"image": images[0]}])
+
+
+def test_vqa_needs_a_vqa_model():
+    with pytest.raises(ValueError, match="AlbefForQuestionAnswering"):
+        pipeline(
+            "albef-visual-question-answering",
+            model=AlbefModel.from_pretrained(RETRIEVAL),
+            processor=AlbefProcessor.from_pretrained(RETRIEVAL),
+        )
+
+
+# Feature extraction
+
+
+def test_image_features_equal_get_image_features(images, image_paths):
+    extractor = pipeline("albef-image-feature-extraction", model=RETRIEVAL)
+    features = extractor(images, return_tensors=True)
+    assert len(features) == 3 and features[0].shape == (1, extractor.model.config.embed_dim)
+    with torch.no_grad():
+        expected = extractor.model.get_image_features(pixels(extractor, images))
+    torch.testing.assert_close(torch.cat(features), expected)
+    torch.testing.assert_close(torch.cat(features).norm(dim=-1), torch.ones(3))
+    from_paths = extractor([str(p) for p in image_paths], batch_size=2)
+    torch.testing.assert_close(torch.tensor(from_paths).squeeze(1), expected, atol=1e-5, rtol=0)
+    assert torch.tensor(extractor(images[0])).shape == (1, extractor.model.config.embed_dim)
+
+
+def test_text_features_equal_get_text_features():
+    extractor = pipeline("albef-text-feature-extraction", model=RETRIEVAL)
+    features = extractor(CAPTIONS, return_tensors=True, batch_size=2)
+    with torch.no_grad():
+        expected = extractor.model.get_text_features(**captions(extractor, CAPTIONS))
+    torch.testing.assert_close(torch.cat(features), expected, atol=1e-5, rtol=0)
+    single = extractor("A red circle.", return_tensors=True)
+    torch.testing.assert_close(single, expected[:1])
+    with pytest.raises(ValueError, match="non-empty"):
+        extractor(["a cat", 3])
+
+
+def test_feature_extraction_needs_itc_embeddings():
+    with pytest.raises(ValueError, match="AlbefModel"):
+        pipeline(
+            "albef-image-feature-extraction",
+            model=AlbefForQuestionAnswering.from_pretrained(VQA),
+            processor=AlbefProcessor.from_pretrained(VQA),
+        )
+
+
+# Device and dtype
+
+
+def test_device_and_dtype(images):
+    classifier = pipeline("zero-shot-image-classification", model=RETRIEVAL, device="cpu", dtype=torch.bfloat16)
+    assert classifier.model.dtype == torch.bfloat16 and classifier.device.type == "cpu"
+    result = classifier(images[0], candidate_labels=LABELS)
+    reference = pipeline("zero-shot-image-classification", model=RETRIEVAL)(images[0], candidate_labels=LABELS)
+    low = {r["label"]: r["score"] for r in result}
+    assert all(low[r["label"]] == pytest.approx(r["score"], abs=0.02) for r in reference)
+
+    vqa = pipeline("albef-visual-question-answering", model=VQA, device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert len(vqa(images[0], "what colour?", top_k=2)) == 2
+    retriever = pipeline("albef-image-text-retrieval", model=RETRIEVAL, dtype=torch.bfloat16)
+    assert retriever(images=images, texts=CAPTIONS, return_tensors=True)["itc_scores"].dtype == torch.float32
