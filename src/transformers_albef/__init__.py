@@ -38,6 +38,8 @@ from .modeling_albef_vqa import AlbefAnswerRanking, AlbefForQuestionAnswering, A
 from .objectives import mask_tokens
 from .pipelines import register_pipelines
 from .processing_albef import AlbefProcessor, pre_caption, pre_question
+from .retrieval import chunked_retrieval_score_matrices
+from .retrieval_index import RetrievalEngine, RetrievalIndex
 
 __version__ = "0.1.0"
 
@@ -89,6 +91,9 @@ __all__ = [
     "AlbefTextModel",
     "AlbefVisionConfig",
     "AlbefVisionModel",
+    "RetrievalEngine",
+    "RetrievalIndex",
+    "chunked_retrieval_score_matrices",
     "mask_tokens",
     "pre_caption",
     "pre_question",

@@ -1,0 +1,169 @@
+"""`albef retrieve`: index a folder of images and/or a file of captions (or load a saved index) and search it."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .common import CliError, add_model_arguments, load_model, nonempty, positive_int, resolve_device
+
+SCORE_HELP = (
+    "ranking score of the re-ranked candidates: itm (the ITM match logit, as the original ALBEF evaluation), "
+    "itm+itc (plus the ITC similarity, as LAVIS) or itc (ITC similarity only, no re-ranking) (default: itm)"
+)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "retrieve",
+        help="search images by text and texts by image",
+        description="Searches a corpus the way ALBEF evaluates retrieval: the --candidates best matches by ITC "
+        "embedding similarity are re-ranked by the image-text matching (ITM) head. The corpus is a folder of images "
+        "(--images) and/or a file of captions (--captions), indexed on the fly and optionally saved (--save-index), "
+        "or an index saved earlier (--index). --text queries search the images, --image queries search the captions.",
+        epilog="example: albef retrieve --images photos/ --save-index photos.index --text 'a dog on the beach'",
+    )
+    corpus = parser.add_argument_group("corpus")
+    corpus.add_argument("--images", metavar="FOLDER", help="a folder of images to index (its files, not subfolders)")
+    corpus.add_argument(
+        "--captions", metavar="FILE", help="captions to index: a text file with one caption per line, or a JSON list"
+    )
+    corpus.add_argument(
+        "--index", metavar="DIR", help="a saved index (from --save-index) instead of --images/--captions"
+    )
+    corpus.add_argument("--save-index", metavar="DIR", help="save the index built from --images/--captions here")
+    corpus.add_argument("--overwrite", action="store_true", help="let --save-index replace an existing index")
+    corpus.add_argument(
+        "--skip-non-images", action="store_true", help="ignore files in --images that are not images (else an error)"
+    )
+    queries = parser.add_argument_group("queries")
+    queries.add_argument(
+        "--text",
+        action="append",
+        type=nonempty,
+        default=[],
+        metavar="QUERY",
+        help="search the images for this text (repeatable)",
+    )
+    queries.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="search the captions for this image (repeatable)"
+    )
+    queries.add_argument("--top-k", type=positive_int, default=5, help="how many ranked matches to print (default: 5)")
+    queries.add_argument(
+        "--candidates",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="ITC candidates re-ranked by ITM (default: the model's retrieval_k, at most the corpus size)",
+    )
+    queries.add_argument("--score", choices=("itm", "itm+itc", "itc"), default="itm", help=SCORE_HELP)
+    queries.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images or texts per forward (default: 64)"
+    )
+    add_model_arguments(parser, "retrieval", what="retrieval model")
+    parser.set_defaults(func=run)
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """Captions from a text file (one per line, blank lines skipped) or a JSON list of strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise CliError(f"caption file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            captions = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise CliError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            raise CliError(f"{path} must hold a JSON list of strings (one caption each)")
+    else:
+        captions = text.splitlines()
+    captions = [c.strip() for c in captions if c.strip()]
+    if not captions:
+        raise CliError(f"{path} holds no captions")
+    return captions
+
+
+def _check_arguments(args) -> None:
+    if args.index and (args.images or args.captions):
+        raise CliError("--index loads a saved index; it cannot be combined with --images/--captions")
+    if args.index and args.save_index:
+        raise CliError("--save-index saves an index built from --images/--captions; --index is already saved")
+    if not (args.index or args.images or args.captions):
+        raise CliError("nothing to search: give --images FOLDER and/or --captions FILE, or --index DIR")
+    if not (args.text or args.image or args.save_index):
+        raise CliError("nothing to do: give --text/--image queries, or --save-index DIR to build an index")
+    for path in args.image:
+        if not Path(path).is_file():
+            raise CliError(f"query image not found: {path}")
+
+
+def _shown(item) -> str:
+    """An image path relative to the current folder when it lies below it; a text as is."""
+    if item is None:
+        return "<in-memory image>"
+    if os.path.isabs(item):
+        relative = os.path.relpath(item)
+        return item if relative.startswith("..") else relative
+    return item
+
+
+def run(args) -> int:
+    import transformers_albef as ta
+    from transformers_albef.retrieval_index import RetrievalEngine, list_image_files
+
+    _check_arguments(args)
+    images = list_image_files(args.images, skip_non_images=args.skip_non_images) if args.images else None
+    captions = read_captions(args.captions) if args.captions else None
+    model, processor = load_model(args.model, ta.AlbefForRetrieval, "retrieval", resolve_device(args.device))
+    engine = RetrievalEngine(model, processor, batch_size=args.batch_size, progress=sys.stderr.isatty())
+    if args.index:
+        index = engine.load_index(args.index)
+    else:
+        index = engine.build_index(images=images, texts=captions, path=args.save_index, overwrite=args.overwrite)
+    summary = f"index: {index.num_images} image(s), {index.num_texts} caption(s)"
+    if args.save_index:
+        summary += f", saved to {args.save_index}"
+    searches = []
+    if args.text:
+        searches += [("text -> image", r) for r in engine.text_to_image(index, args.text, args.candidates, args.score)]
+    if args.image:
+        searches += [
+            ("image -> text", r) for r in engine.image_to_text(index, args.image, args.candidates, args.score)
+        ]
+
+    if args.json:
+        report = {
+            "index": {"images": index.num_images, "texts": index.num_texts, "path": args.index or args.save_index}
+        }
+        report["score"] = args.score
+        report["queries"] = [
+            {
+                "direction": direction.replace(" -> ", "_to_"),
+                "query": result.query,
+                "matches": [
+                    {"rank": rank, "id": id_, "item": item, "score": score, "itc": itc}
+                    for rank, (id_, item, score, itc) in enumerate(
+                        zip(result.ids, result.items, result.scores, result.itc_scores), 1
+                    )
+                ][: args.top_k],
+            }
+            for direction, result in searches
+        ]
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+
+    print(summary)
+    for direction, result in searches:
+        shown = min(args.top_k, len(result))
+        query = repr(result.query) if direction.startswith("text") else _shown(result.query)
+        print(f"\n{direction}: {query} (best {shown} of {len(result)} candidates, score={args.score})")
+        names = [_shown(item) for item in result.items[:shown]]
+        width = min(max(len(name) for name in names), 60)
+        for rank, (name, score, itc) in enumerate(zip(names, result.scores, result.itc_scores), 1):
+            print(f"  {rank:>2}. {name:{width}s}  {score:8.3f}  (itc {itc:.3f})")
+    return 0
