@@ -481,7 +481,10 @@ def test_device_and_dtype(images):
     result = classifier(images[0], candidate_labels=LABELS)
     reference = pipeline("zero-shot-image-classification", model=RETRIEVAL)(images[0], candidate_labels=LABELS)
     low = {r["label"]: r["score"] for r in result}
-    assert all(low[r["label"]] == pytest.approx(r["score"], abs=0.02) for r in reference)
+    # The trained model's logit scale is 1/temp ~ 120: bf16's 2^-8 relative rounding of the similarities moves the
+    # probabilities by a few hundredths, not the decision.
+    assert result[0]["label"] == reference[0]["label"]
+    assert all(low[r["label"]] == pytest.approx(r["score"], abs=0.05) for r in reference)
 
     vqa = pipeline("albef-visual-question-answering", model=VQA, device=torch.device("cpu"), dtype=torch.bfloat16)
     assert len(vqa(images[0], "what colour?", top_k=2)) == 2
