@@ -142,11 +142,15 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel):
         answer_attention_mask: torch.Tensor,
         k: int | None = None,
         return_details: bool = False,
+        fast: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor] | AlbefAnswerRanking:
         """The original `rank_answer`: keep the `k` answers whose first token is most likely after [CLS], re-score
         each by `log p(first token) + sum of log p(answer tokens)` and return `(topk_ids, topk_probs)` sorted by the
         softmax of those scores. As in the original, the first token's log-probability is counted twice (the sum
-        already includes it); LAVIS drops the first term, so rankings can differ slightly from LAVIS's."""
+        already includes it); LAVIS drops the first term, so rankings can differ slightly from LAVIS's.
+
+        `fast=True` re-scores the candidates with `fast_vqa.answer_log_likelihoods` (question keys/values shared by
+        the k candidates, vocabulary logits only once per answer prefix): the same result up to float rounding."""
         num_answers = answer_input_ids.shape[0]
         k = k or self.config.answer_rank_k
         if num_answers == 0 or answer_input_ids.shape[1] < 2:
@@ -164,17 +168,25 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel):
         first_token_probs = F.softmax(first_logits, dim=1).index_select(1, answer_input_ids[:, 1])
         topk_probs, topk_ids = first_token_probs.topk(k, dim=1)
 
-        candidates = answer_input_ids[topk_ids.flatten()]
-        candidate_mask = answer_attention_mask[topk_ids.flatten()]
-        logits = self.answer_logits(
-            candidates,
-            candidate_mask,
-            states.repeat_interleave(k, dim=0),
-            attention_mask.repeat_interleave(k, dim=0),
-        )
-        targets = candidates.masked_fill(candidates == pad, -100)
-        nll = sequence_lm_loss(logits[:, :-1], targets[:, 1:])
-        scores = (topk_probs.reshape(-1).log() - nll).view(num_questions, k)
+        if fast:
+            from .fast_vqa import answer_log_likelihoods
+
+            log_likelihoods = answer_log_likelihoods(
+                self, states, attention_mask, answer_input_ids, answer_attention_mask, topk_ids
+            )
+            scores = (topk_probs.float().log() + log_likelihoods).to(topk_probs.dtype)
+        else:
+            candidates = answer_input_ids[topk_ids.flatten()]
+            candidate_mask = answer_attention_mask[topk_ids.flatten()]
+            logits = self.answer_logits(
+                candidates,
+                candidate_mask,
+                states.repeat_interleave(k, dim=0),
+                attention_mask.repeat_interleave(k, dim=0),
+            )
+            targets = candidates.masked_fill(candidates == pad, -100)
+            nll = sequence_lm_loss(logits[:, :-1], targets[:, 1:])
+            scores = (topk_probs.reshape(-1).log() - nll).view(num_questions, k)
         probs, rerank = F.softmax(scores, dim=-1).topk(k, dim=1)
         ids = torch.gather(topk_ids, 1, rerank)
         if not return_details:
