@@ -1,8 +1,6 @@
 """The `albef` command line, run through its real entry point (`main`, and `python -m transformers_albef.cli` once)
 with the bundled models: exit codes, printed results, pictures written, one-line messages for bad input."""
 
-import contextlib
-import io
 import json
 import shutil
 import subprocess
@@ -16,29 +14,8 @@ from transformers_albef import cli
 from transformers_albef.cli import demo
 from transformers_albef.processing_albef import pre_caption
 
+from .cli_helpers import assert_user_error, run_cli
 from .parity_utils import load_fixture
-
-
-def run_cli(*argv):
-    """(exit status, stdout, stderr) of `albef ARGV`, in this process."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = cli.main([str(a) for a in argv])
-        except SystemExit as exit_info:  # argparse: --help, usage errors
-            status = exit_info.code
-    return status, out.getvalue(), err.getvalue()
-
-
-def assert_user_error(result, *fragments):
-    """Non-zero status, one `albef ...: error: ...` line on stderr that says why, no traceback."""
-    status, _, err = result
-    assert status not in (0, None)
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def shape_picture(path, colour="red", size=64):

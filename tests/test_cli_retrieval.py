@@ -2,8 +2,6 @@
 evaluate` under torchrun is checked by `test_retrieval_engine.py::test_two_processes_match_one`, in the same launch
 as the engine's 2-process run.)"""
 
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
@@ -13,33 +11,12 @@ import PIL.Image
 import pytest
 
 import transformers_albef as ta
-from transformers_albef import cli
 from transformers_albef.retrieval import recall_at_k, retrieval_score_matrices
+
+from .cli_helpers import assert_user_error, run_cli
 
 NUM_IMAGES, CAPTIONS_PER_IMAGE = 5, 2
 WORDS = "red blue green dog cat horse bird man woman child ball tree car boat beach snow".split()
-
-
-def run_cli(*argv):
-    """(exit status, stdout, stderr) of `albef ARGV`, in this process."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            status = cli.main([str(a) for a in argv])
-        except SystemExit as exit_info:  # argparse: --help, usage errors
-            status = exit_info.code
-    return status, out.getvalue(), err.getvalue()
-
-
-def assert_user_error(result, *fragments):
-    """Non-zero status and one `albef ...: error: ...` line that says why, no traceback."""
-    status, _, err = result
-    assert status not in (0, None)
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
