@@ -66,6 +66,19 @@ def test_sections_are_replaced_and_kept(speed, tmp_path):
     assert text.index("cpu-base") < text.index("gpu-base")
 
 
+def test_split_gpu_runs_keep_their_own_sections(speed, tmp_path):
+    """`--section gpu-base-training` and friends: separate runs (the device's per-command time limit) each keep
+    their section, and the pending placeholder goes once any GPU section exists."""
+    path = tmp_path / "B.md"
+    speed.update_file(path, "cpu-base", "## cpu-base\n\nCPU-ROWS\n")
+    assert "Pending a GPU session" in path.read_text()
+    speed.update_file(path, "gpu-base-towers", "## gpu-base-towers\n\nTOWER-ROWS\n")
+    speed.update_file(path, "gpu-base-training", "## gpu-base-training\n\nTRAINING-ROWS\n")
+    text = path.read_text()
+    assert all(rows in text for rows in ("CPU-ROWS", "TOWER-ROWS", "TRAINING-ROWS"))
+    assert "Pending a GPU session" not in text
+
+
 def test_synthetic_inputs_look_like_the_real_ones(speed):
     ids, mask = speed.random_texts(16, 30, 30522, "cpu", min_length=8)
     assert ids.shape == (16, 30) and (ids[:, 0] == 101).all()
