@@ -54,7 +54,8 @@ def create_optimizer(
     fused: bool | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over two groups (decayed / not decayed, see `weight_decay_groups`). `fused=None` picks the fused
-    kernel when every parameter is on CUDA and the multi-tensor (foreach) one otherwise."""
+    kernel when every parameter is on CUDA or the CPU (on CPU it measured 3.6x the for-loop and 6x foreach,
+    BENCHMARKS.md) and the multi-tensor (foreach) one otherwise."""
     decay, no_decay = weight_decay_groups(model)
     params = dict(model.named_parameters())
     groups = [
@@ -62,7 +63,7 @@ def create_optimizer(
         {"params": [params[n] for n in no_decay], "weight_decay": 0.0},
     ]
     if fused is None:
-        fused = all(params[n].is_cuda for n in decay + no_decay)
+        fused = all(params[n].device.type in ("cuda", "cpu") for n in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused, foreach=None if fused else True)
 
 
