@@ -66,6 +66,15 @@ class AlbefPipelineMixin:
         self.tokenizer = self.processor.tokenizer
         self.image_processor = self.processor.image_processor
 
+    def _init_itc_pipeline(self):
+        """For the pipelines that read ITC embeddings (and ITM when the head exists): refuse other ALBEF heads."""
+        if not isinstance(self.model, AlbefModel):
+            raise ValueError(
+                f"{self.task} reads ITC embeddings: it needs an AlbefModel or AlbefForRetrieval, got "
+                f"{type(self.model).__name__}"
+            )
+        self._init_albef_processor()
+
     def _encode_images(self, images, timeout=None):
         pixel_values = self.processor(images=load_images(images, timeout), return_tensors="pt")["pixel_values"]
         return pixel_values.to(self.dtype)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from transformers.pipelines.base import Pipeline
 
-from ..modeling_albef import AlbefModel
 from .base import AlbefPipelineMixin, check_texts
 
 
@@ -17,12 +16,7 @@ class _AlbefFeatureExtractionPipeline(AlbefPipelineMixin, Pipeline):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(self.model, AlbefModel):
-            raise ValueError(
-                f"{self.task} returns ITC embeddings: it needs an AlbefModel or AlbefForRetrieval, got "
-                f"{type(self.model).__name__}"
-            )
-        self._init_albef_processor()
+        self._init_itc_pipeline()
 
     def _sanitize_parameters(self, return_tensors=None, timeout=None):
         preprocess_params = {"timeout": timeout} if timeout is not None else {}

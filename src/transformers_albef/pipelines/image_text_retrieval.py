@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from transformers.pipelines.base import Pipeline
 
-from ..modeling_albef import AlbefModel
 from .base import AlbefPipelineMixin, as_list, check_texts
 
 
@@ -54,11 +53,7 @@ class AlbefImageTextRetrievalPipeline(AlbefPipelineMixin, Pipeline):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if not isinstance(self.model, AlbefModel):
-            raise ValueError(
-                f"albef-image-text-retrieval needs an AlbefModel or AlbefForRetrieval, got {type(self.model).__name__}"
-            )
-        self._init_albef_processor()
+        self._init_itc_pipeline()
 
     def __call__(self, images=None, texts=None, **kwargs):
         """Rank `texts` for each of `images` and `images` for each of `texts` (see the class documentation)."""
