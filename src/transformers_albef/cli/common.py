@@ -151,3 +151,17 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
     return number
+
+
+def rank_answer_list(model, processor, inputs, answers: list[str]):
+    """`rank_answers` over `answers` with the model's own k (its probabilities are a softmax over those candidates):
+    `(ids, probs)`, best first."""
+    answer_inputs = processor.encode_answers(answers, return_tensors="pt").to(model.device)
+    return model.rank_answers(
+        inputs["pixel_values"],
+        inputs["input_ids"],
+        inputs["attention_mask"],
+        answer_inputs["input_ids"],
+        answer_inputs["attention_mask"],
+        k=min(model.config.answer_rank_k, len(answers)),
+    )

@@ -15,7 +15,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import CliError, add_device_argument, load_image, load_model, progress, resolve_device, save_picture
+from .common import (
+    CliError,
+    add_device_argument,
+    load_image,
+    load_model,
+    progress,
+    rank_answer_list,
+    resolve_device,
+    save_picture,
+)
 
 SAMPLES_DIR = Path(__file__).parents[1] / "resources" / "samples"
 CREDIT_FIELDS = ("attribution", "credit", "license")
@@ -216,15 +225,7 @@ def run_vqa(model, processor, samples: list[Sample]) -> dict:
     ).to(model.device)
     answers = model.config.answer_list
     if answers:
-        answer_inputs = processor.encode_answers(answers, return_tensors="pt").to(model.device)
-        ids, probs = model.rank_answers(
-            inputs["pixel_values"],
-            inputs["input_ids"],
-            inputs["attention_mask"],
-            answer_inputs["input_ids"],
-            answer_inputs["attention_mask"],
-            k=min(model.config.answer_rank_k, len(answers)),
-        )
+        ids, probs = rank_answer_list(model, processor, inputs, answers)
         predicted = [answers[i] for i in ids[:, 0].tolist()]
         probabilities = probs[:, 0].tolist()
         how = f"ranking the model's {len(answers)} answers"

@@ -5,7 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import CliError, add_model_arguments, load_image, load_model, nonempty, positive_int, resolve_device
+from .common import (
+    CliError,
+    add_model_arguments,
+    load_image,
+    load_model,
+    nonempty,
+    positive_int,
+    rank_answer_list,
+    resolve_device,
+)
 
 
 def register(subparsers) -> None:
@@ -61,16 +70,7 @@ def run(args) -> int:
         answer = processor.tokenizer.decode(generated[0], skip_special_tokens=True)
         print(f"answer (generated; the model has no answer list): {answer}")
         return 0
-    answer_inputs = processor.encode_answers(answers, return_tensors="pt").to(device)
-    # Rank with the model's own k (the probabilities are a softmax over those candidates); print the first --top-k.
-    ids, probs = model.rank_answers(
-        inputs["pixel_values"],
-        inputs["input_ids"],
-        inputs["attention_mask"],
-        answer_inputs["input_ids"],
-        answer_inputs["attention_mask"],
-        k=min(model.config.answer_rank_k, len(answers)),
-    )
+    ids, probs = rank_answer_list(model, processor, inputs, answers)  # print the first --top-k
     shown = min(args.top_k, ids.shape[1])
     width = max(len(answers[i]) for i in ids[0, :shown].tolist())
     print(f"answers (ranked from {len(answers)} candidates):")
