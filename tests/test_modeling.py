@@ -287,6 +287,25 @@ def test_internal_masking_and_sampling_run():
     out.loss.backward()
 
 
+def test_pretraining_scores_only_masked_positions():
+    """The training forward projects only the masked positions onto the vocabulary: the logits and the loss equal
+    those of the full-sequence projection (which the original computes) at those positions."""
+    from transformers_albef.objectives import mlm_loss
+
+    model = make(ta.AlbefForPreTraining).eval()  # no dropout: the two computations see the same activations
+    pixel_values, ids, mask = tiny_batch()
+    labels = torch.full_like(ids, -100)
+    labels[0, 1], labels[1, 2], labels[1, 1] = ids[0, 1], ids[1, 2], ids[1, 1]
+    masked_ids = ids.masked_fill(labels != -100, model.config.text_config.mask_token_id)
+    with torch.no_grad():
+        image_states = model.vision_model(pixel_values).last_hidden_state
+        full = model.mlm_logits(masked_ids, mask, image_states)
+        out = model(pixel_values, ids, mask, return_loss=True, masked_input_ids=masked_ids, mlm_labels=labels, alpha=0)
+    assert out.mlm_logits.shape == (3, model.config.text_config.vocab_size)
+    torch.testing.assert_close(out.mlm_logits, full[labels != -100], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.loss_mlm, mlm_loss(full, labels), atol=1e-5, rtol=0)
+
+
 # ----- bad input -----------------------------------------------------------------------------------------------
 def test_bad_pixel_values():
     model = make(ta.AlbefModel)

@@ -34,6 +34,8 @@ class AlbefOutput(ModelOutput):
     logits_per_text (`(text_batch, image_batch)`): its transpose.
     image_embeds / text_embeds (`(batch, embed_dim)`): L2-normalised ITC embeddings.
     itm_logits (`(batch, 2)`): image-text matching logits of aligned pairs (index 1 = match), when asked.
+    mlm_logits (`(num_masked, vocab_size)`): pre-training only, MLM logits at the masked positions
+        (`mlm_labels != -100`, in row-major order); the others are never scored, so they are not computed.
     fused_last_hidden_state (`(batch, length, hidden)`): fusion-encoder output of aligned pairs, when asked.
     """
 
@@ -367,10 +369,20 @@ class AlbefForPreTraining(AlbefForRetrieval):
     def get_output_embeddings(self):
         return self.mlm_head.decoder
 
-    def mlm_logits(self, input_ids, attention_mask, image_states, towers: nn.Module | None = None) -> torch.Tensor:
-        """MLM logits of the full multimodal text model (all layers) on `input_ids` with image cross-attention."""
+    def mlm_logits(
+        self,
+        input_ids,
+        attention_mask,
+        image_states,
+        towers: nn.Module | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """MLM logits of the full multimodal text model (all layers) on `input_ids` with image cross-attention; with
+        a boolean `positions` mask, only at those positions (`(num_positions, vocab)`)."""
         towers = towers or self
         states = towers.text_model(input_ids, attention_mask, encoder_hidden_states=image_states).last_hidden_state
+        if positions is not None:
+            states = states[positions]  # the vocabulary projection dominates the cost; skip unscored positions
         return towers.mlm_head(states)
 
     def forward(
@@ -414,10 +426,13 @@ class AlbefForPreTraining(AlbefForRetrieval):
                 tc.cls_token_id,
                 tc.mask_token_id,
             )
+        masked = mlm_labels != -100
         with torch.no_grad():
-            teacher = self.mlm_logits(masked_input_ids, attention_mask, out["image_states_m"], towers=self.momentum)
-        logits = self.mlm_logits(masked_input_ids, attention_mask, out["image_states"])
-        loss_mlm = mlm_loss(logits, mlm_labels, teacher, alpha)
+            teacher = self.mlm_logits(
+                masked_input_ids, attention_mask, out["image_states_m"], towers=self.momentum, positions=masked
+            )
+        logits = self.mlm_logits(masked_input_ids, attention_mask, out["image_states"], positions=masked)
+        loss_mlm = mlm_loss(logits, mlm_labels[masked], teacher, alpha)
         return AlbefOutput(
             loss=out["loss_itc"] + out["loss_itm"] + loss_mlm,
             loss_itc=out["loss_itc"],

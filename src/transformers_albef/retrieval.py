@@ -55,9 +55,13 @@ def encode_for_retrieval(model, pixel_values, input_ids, attention_mask, batch_s
 @torch.no_grad()
 def retrieval_score_matrices(model, pixel_values, input_ids, attention_mask, k: int):
     """(score_i2t (images, texts), score_t2i (texts, images)) exactly as the original evaluation."""
-    image_states, image_embeds, text_states, text_embeds, text_mask = encode_for_retrieval(
-        model, pixel_values, input_ids, attention_mask
-    )
+    return rerank_encoded(model, *encode_for_retrieval(model, pixel_values, input_ids, attention_mask), k=k)
+
+
+@torch.no_grad()
+def rerank_encoded(model, image_states, image_embeds, text_states, text_embeds, text_mask, k: int):
+    """The score matrices of `retrieval_score_matrices` from `encode_for_retrieval`'s outputs (for callers that also
+    want the ITC similarities without encoding twice)."""
     num_images, num_texts = image_states.shape[0], text_states.shape[0]
     if not 1 <= k:
         raise ValueError(f"k must be >= 1, got {k}")

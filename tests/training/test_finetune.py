@@ -342,6 +342,11 @@ def test_two_processes_log_the_mean_loss_not_a_multiple(images, tmp_path):
         assert ranks[0][task]["logged"] == pytest.approx(mean, rel=1e-5), task
     # the feature queue holds both processes' features: 2 steps x (2 processes x 2 pairs)
     assert ranks[0]["retrieval"]["queue_ptr"] == ranks[1]["retrieval"]["queue_ptr"] == 8
+    # the evaluation split across the processes gives both the matrices of the original one-process evaluation
+    for rank in ranks:
+        for split, single in zip(rank["evaluation"]["split"], rank["evaluation"]["single_process"]):
+            torch.testing.assert_close(torch.tensor(split), torch.tensor(single), atol=1e-5, rtol=0)
+    assert ranks[0]["evaluation"]["metrics"] == ranks[1]["evaluation"]["metrics"]
 
 
 def test_vqa_fine_tuning_starts_from_a_pretrained_folder(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from transformers.pipelines.base import Pipeline
 
+from ..retrieval import encode_for_retrieval, rerank_encoded
 from .base import AlbefPipelineMixin, as_list, check_texts
 
 
@@ -107,20 +108,14 @@ class AlbefImageTextRetrievalPipeline(AlbefPipelineMixin, Pipeline):
             outputs.update(self._score_pairs(pixel_values, input_ids, attention_mask, use_itm, batch_size))
             return outputs
 
-        image_embeds = torch.cat([model.get_image_features(chunk) for chunk in pixel_values.split(batch_size)])
-        text_embeds = torch.cat(
-            [
-                model.get_text_features(ids, mask)
-                for ids, mask in zip(input_ids.split(batch_size), attention_mask.split(batch_size))
-            ]
-        )
+        # The towers run once: their ITC embeddings give the similarities, their states feed the ITM re-ranking.
+        encoded = encode_for_retrieval(model, pixel_values, input_ids, attention_mask, batch_size=batch_size)
+        _, image_embeds, _, text_embeds, _ = encoded
         outputs["itc_scores"] = (image_embeds @ text_embeds.t()).float()
         outputs["top_k"] = top_k
         if use_itm:
             k = top_k or model.config.retrieval_k
-            outputs["itm_scores_i2t"], outputs["itm_scores_t2i"] = model.retrieval_scores(
-                pixel_values, input_ids, attention_mask, k=k
-            )
+            outputs["itm_scores_i2t"], outputs["itm_scores_t2i"] = rerank_encoded(model, *encoded, k=k)
             outputs["top_k"] = k
         return outputs
 

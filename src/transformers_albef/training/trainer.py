@@ -157,16 +157,6 @@ class AlbefTrainer(Trainer):
         return metrics
 
 
-def _pixel_values(processor, dataset, rows: list[int], device, batch_size: int) -> torch.Tensor:
-    """The evaluation transform (the processor's) of the images of `rows`, read a batch at a time."""
-    chunks = []
-    for start in range(0, len(rows), batch_size):
-        images = dataset[rows[start : start + batch_size]]["image"]
-        pixels = processor(images=[open_image(image) for image in images], return_tensors="pt")["pixel_values"]
-        chunks.append(pixels.to(device))
-    return torch.cat(chunks)
-
-
 def _shard(num_items: int, args) -> range:
     return range(args.process_index, num_items, args.world_size)
 
@@ -187,14 +177,17 @@ class RetrievalEvaluator:
 
     The dataset is either one row per image with all its captions (`image`, `caption: list[str]`, the original
     val/test files) or one row per caption (`image`, `caption: str`, `image_id`). Captions are cleaned with
-    `pre_caption` and padded to `max_length` (30) as the original. Every process computes the full matrices (they
-    are identical), the images of the whole set are held on the model's device.
+    `pre_caption` and truncated to `max_length` (30) tokens as the original. The matrices come from
+    `RetrievalEngine.score_matrices` (`chunked_retrieval_score_matrices`): memory stays bounded (images are read from
+    the dataset a batch at a time, twice, and fused `image_chunk_size` at a time), and under several processes each
+    encodes and fuses its share, then every process holds the full matrices.
     """
 
-    def __init__(self, processor, k_test: int = 256, max_length: int = 30):
+    def __init__(self, processor, k_test: int = 256, max_length: int = 30, image_chunk_size: int = 256):
         self.processor = processor
         self.k_test = k_test
         self.max_length = max_length
+        self.image_chunk_size = image_chunk_size
 
     @staticmethod
     def index(dataset) -> tuple[list[int], list[str], list[int] | dict, list[list[int]] | dict]:
@@ -219,22 +212,36 @@ class RetrievalEvaluator:
         return image_rows, texts, txt2img, img2txt
 
     def __call__(self, model, dataset, args, state=None) -> dict[str, float]:
+        from ..retrieval_index import RetrievalEngine
+
         image_rows, texts, txt2img, img2txt = self.index(dataset)
-        device = args.device
-        text = self.processor(
-            text=texts,
-            clean_text="caption",
-            padding="max_length",
-            truncation=True,
+        engine = RetrievalEngine(
+            model,
+            self.processor,
+            batch_size=args.per_device_eval_batch_size,
+            image_chunk_size=self.image_chunk_size,
+            fusion_batch_size=args.per_device_eval_batch_size,
             max_length=self.max_length,
-            return_tensors="pt",
+            clean_text="caption",
+            progress=not args.disable_tqdm and args.process_index == 0,
         )
-        pixel_values = _pixel_values(self.processor, dataset, image_rows, device, args.per_device_eval_batch_size)
-        score_i2t, score_t2i = model.retrieval_scores(
-            pixel_values, text["input_ids"].to(device), text["attention_mask"].to(device), k=self.k_test
-        )
+        score_i2t, score_t2i = engine.score_matrices(_DatasetImages(dataset, image_rows), texts, k=self.k_test)
         self.scores = (score_i2t, score_t2i)
         return RetrievalRecall().compute(predictions=(score_i2t, score_t2i), references=(txt2img, img2txt))
+
+
+class _DatasetImages:
+    """The images of `rows`, opened on demand (`datasets` decodes only the rows asked for); a bad one names its row."""
+
+    def __init__(self, dataset, rows: list[int]):
+        self.dataset, self.rows = dataset, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int):
+        row = self.rows[position]
+        return open_image(self.dataset[row]["image"], index=row)
 
 
 class VQAEvaluator:
