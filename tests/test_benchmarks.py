@@ -89,3 +89,24 @@ def test_synthetic_inputs_look_like_the_real_ones(speed):
     assert (answers[torch.arange(300), lengths - 1] == 102).all()  # [SEP] last
     assert float((lengths == 3).float().mean()) > 0.5  # mostly one word piece
     assert answers[:, 1].unique().numel() < 300  # some answers share their first piece
+
+
+def test_easy_vqa_captions_come_from_the_training_answers():
+    """The caption pre-training of learn_easy_vqa.py reads each image's shape and colour off its own questions and
+    answers, negations included ("is no yellow shape present?" -> "yes" says yellow is absent)."""
+    spec = importlib.util.spec_from_file_location("albef_learn_easy_vqa", REPO / "benchmarks" / "learn_easy_vqa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    colours = ["red", "blue", "yellow", "brown"]
+    questions, answers, image_ids = zip(
+        ("what shape is present?", "rectangle", 0),
+        ("is no yellow shape present?", "yes", 0),
+        ("is there not a brown shape?", "no", 0),
+        ("what color is the triangle?", "blue", 1),
+        ("is there a circle?", "no", 1),
+        ("does the image not contain a red shape?", "no", 2),
+        ("is there a circle in the image?", "yes", 3),
+        ("is there not a blue shape?", "yes", 3),
+    )
+    captions = module.training_captions(questions, answers, image_ids, colours)
+    assert captions == {0: "a brown rectangle", 1: "a blue triangle", 2: "a red shape", 3: "a circle"}
