@@ -17,6 +17,7 @@ from transformers import Trainer
 from transformers.trainer_utils import speed_metrics
 from transformers.utils import logging
 
+from ..retrieval_index import RetrievalEngine
 from .callbacks import AlphaWarmupCallback
 from .data import open_image
 from .metrics import RetrievalRecall, VQAAccuracy
@@ -212,8 +213,6 @@ class RetrievalEvaluator:
         return image_rows, texts, txt2img, img2txt
 
     def __call__(self, model, dataset, args, state=None) -> dict[str, float]:
-        from ..retrieval_index import RetrievalEngine
-
         image_rows, texts, txt2img, img2txt = self.index(dataset)
         engine = RetrievalEngine(
             model,
