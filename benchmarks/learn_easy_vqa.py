@@ -1,7 +1,8 @@
 """Does VQA fine-tuning really learn? A small ALBEF fine-tuned on easy-vqa, evaluated by answer ranking.
 
     pip install easy-vqa==1.0
-    python benchmarks/learn_easy_vqa.py --output-dir runs/easy-vqa --pretrain-epochs 10 --epochs 6
+    python benchmarks/learn_easy_vqa.py --output-dir runs/easy-vqa --pretrain-epochs 30 --lr 2e-4 --epochs 10 \
+        --num-workers 3                            # 0.9514, 8.4 min on one H100 (the bundled VQA model)
     python benchmarks/learn_easy_vqa.py --output-dir runs/easy-vqa-scratch --epochs 6   # no pre-training
 
 easy-vqa (MIT, PyPI) has 4,000 train / 1,000 test 64x64 images and 38,575 / 9,673 questions over 13 answers. The
@@ -119,6 +120,7 @@ def main() -> int:
         help="first pre-train (ITC+ITM+MLM) on the training images captioned from their answers, then fine-tune",
     )
     parser.add_argument("--pretrain-lr", type=float, default=5e-4)
+    parser.add_argument("--num-workers", type=int, default=1, help="data loader processes")
     parser.add_argument("--probe", metavar="MODEL_DIR", help="only print the shape probe of a model's image tower")
     args = parser.parse_args()
     if args.probe:
@@ -143,7 +145,8 @@ def main() -> int:
         "--per_device_eval_batch_size", "128", "--learning_rate", str(args.lr),
         "--warmup_steps", str(args.warmup_steps),
         "--distill", str(args.distill), "--augment", str(args.augment), "--eval_strategy", "no",
-        "--dataloader_num_workers", "1", "--save_strategy", "no", "--logging_steps", "50", "--report_to", "none",
+        "--dataloader_num_workers", str(args.num_workers), "--save_strategy", "no", "--logging_steps", "50",
+        "--report_to", "none",
     ]  # fmt: skip
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
@@ -189,7 +192,7 @@ def pretrain(args, data: Path) -> Path:
         # No crops or RandAugment: they change colours and cut shapes, i.e. the captions' facts.
         "--no-augment", "--epochs", str(args.pretrain_epochs), "--batch-size", str(args.batch_size),
         "--lr", str(args.pretrain_lr), "--warmup-steps", "100", "--save-steps", "0", "--save-total-limit", "1",
-        "--num-workers", "1", "--logging-steps", "20", "--cpu",
+        "--num-workers", str(args.num_workers), "--logging-steps", "20", *([] if on_gpu() else ["--cpu"]),
     ]  # fmt: skip
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
@@ -246,10 +249,16 @@ def shape_probe(model_dir: str) -> float:
     return ((x_test @ weight + bias).argmax(1) == y_test).float().mean().item()
 
 
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def torch_device() -> str:
     import torch
 
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return torch.cuda.get_device_name() if on_gpu() else "no GPU"
 
 
 if __name__ == "__main__":

