@@ -45,6 +45,10 @@ def export(
     processor.save_pretrained(staging)
     if card is not None:
         shutil.copyfile(card, staging / "README.md")
+    # mkdtemp and atomic writes make owner-only files; a bundle is read by everyone.
+    staging.chmod(0o755)
+    for file in staging.iterdir():
+        file.chmod(0o644)
     if output.exists():
         shutil.rmtree(output)
     staging.rename(output)
