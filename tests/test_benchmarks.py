@@ -110,3 +110,16 @@ def test_easy_vqa_captions_come_from_the_training_answers():
     )
     captions = module.training_captions(questions, answers, image_ids, colours)
     assert captions == {0: "a brown rectangle", 1: "a blue triangle", 2: "a red shape", 3: "a circle"}
+
+
+@pytest.mark.gpu
+def test_gpu_overhead_diagnostic_runs_on_cuda():
+    """benchmarks/gpu_overhead.py on the tiny config: every workload gets a row with measured times."""
+    script = REPO / "benchmarks" / "gpu_overhead.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--size", "tiny", "--repeats", "3"], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "ms |" not in line]
+    for workload in ("image embedding", "text embedding", "ITM re-rank", "VQA fast=True"):
+        assert any(row.startswith(f"| {workload}") for row in rows), result.stdout
