@@ -280,6 +280,21 @@ def test_momentum_update_and_queue_across_steps():
     assert int(model.momentum.queue_ptr) == 0  # queue of 8 wrapped after two batches of 4
 
 
+def test_momentum_update_pairs_every_tower_parameter_by_name():
+    model = make(ta.AlbefForPreTraining)
+    with torch.no_grad():
+        for param in model.parameters():  # online weights away from the EMA copies, so every pair moves
+            if not any(param is m for m in model.momentum.parameters()):
+                param.add_(1.0)
+    before = {name: p.clone() for name, p in model.momentum.named_parameters()}
+    model.momentum.update(model)
+    online = dict(model.named_parameters(remove_duplicate=False))
+    for name, param in model.momentum.named_parameters():
+        assert torch.allclose(param, torch.lerp(before[name], online[name], 0.005)), name
+    with pytest.raises(ValueError, match="the head has no such parameter"):
+        model.momentum.update(model.vision_model)  # a module with other parameter names
+
+
 def test_internal_masking_and_sampling_run():
     model = make(ta.AlbefForPreTraining).train()
     out = model(*tiny_batch(), return_loss=True)
