@@ -338,8 +338,12 @@ def test_bad_text():
     pixel_values, ids, mask = tiny_batch()
     mask = mask.clone()
     mask[2] = 0
-    with pytest.raises(ValueError, match=r"texts \[2\] are all padding"):
+    with pytest.raises(ValueError, match=r"texts \[2\] have attention_mask 0 at position 0"):
         model.get_text_features(ids, mask)
+    left_padded = torch.ones_like(mask)
+    left_padded[1, 0] = 0  # [CLS] is what the heads read: a left-padded text would be read at a pad
+    with pytest.raises(ValueError, match=r"texts \[1\]"):
+        model.get_text_features(ids, left_padded)
     with pytest.raises(ValueError, match="length >= 1"):
         model.get_text_features(ids[:, :0])
 

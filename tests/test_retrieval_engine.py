@@ -137,14 +137,20 @@ def test_fixture_parity_any_chunking():
 def test_chunking_matches_the_original_loop(model, corpus, reference, chunk, fusion, block, text_device, monkeypatch):
     """Any chunking gives the original matrices, and fuses each distinct candidate pair once (pairs chosen both ways
     are shared)."""
-    fused = []
-    itm_logits = model.itm_logits
+    pairs, fusion_rows = [], []
+    itm_logits_for_pairs, text_forward = model.itm_logits_for_pairs, model.text_model.forward
 
-    def counting(text_states, attention_mask, image_states):
-        fused.append(text_states.shape[0])
-        return itm_logits(text_states, attention_mask, image_states)
+    def counting_pairs(image_states, text_states, text_mask, image_index, text_index, **kwargs):
+        pairs.append(len(image_index))
+        return itm_logits_for_pairs(image_states, text_states, text_mask, image_index, text_index, **kwargs)
 
-    monkeypatch.setattr(model, "itm_logits", counting)
+    def counting_rows(*args, **kwargs):
+        if kwargs.get("mode") == "fusion":
+            fusion_rows.append(kwargs["text_embeds"].shape[0])
+        return text_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "itm_logits_for_pairs", counting_pairs)
+    monkeypatch.setattr(model.text_model, "forward", counting_rows)
     score_i2t, score_t2i = chunked_retrieval_score_matrices(
         model,
         corpus["pixel_values"],
@@ -161,8 +167,8 @@ def test_chunking_matches_the_original_loop(model, corpus, reference, chunk, fus
     torch.testing.assert_close(score_t2i, reference[1], atol=ATOL, rtol=0)
     selected_i2t, selected_t2i = reference[0] != -100, reference[1] != -100
     distinct = int((selected_i2t | selected_t2i.t()).sum())
-    assert sum(fused) == distinct < int(selected_i2t.sum() + selected_t2i.sum())
-    assert max(fused) <= fusion
+    assert sum(pairs) == distinct < int(selected_i2t.sum() + selected_t2i.sum())
+    assert max(fusion_rows) <= fusion  # texts per fusion forward (padding slots of uneven groups included)
 
 
 def test_lavis_and_itc_scores(model, corpus, reference):
@@ -424,8 +430,8 @@ def _distributed_worker(folder: Path) -> None:
     texts = json.loads((folder / "texts.json").read_text())
     txt2img, img2txt = ground_truth(len(paths), CAPTIONS_PER_IMAGE)
     fused = []
-    itm_logits = model.itm_logits
-    model.itm_logits = lambda text, mask, image: fused.append(len(text)) or itm_logits(text, mask, image)
+    pair_logits = model.itm_logits_for_pairs
+    model.itm_logits_for_pairs = lambda *args, **kwargs: fused.append(len(args[3])) or pair_logits(*args, **kwargs)
     engine = engine_for(model, processor, image_chunk_size=2, batch_size=3, fusion_batch_size=4)
     result = engine.evaluate(paths, texts, txt2img, img2txt, k=4)
     torch.save(

@@ -75,6 +75,35 @@ def _check_pairs(pixel_values: torch.Tensor, input_ids: torch.Tensor, what: str)
         )
 
 
+# Text tokens (texts x length) per grouped ITM fusion forward; bounds the (heads, queries, image tokens) scores.
+MAX_QUERY_TOKENS = 8192
+
+
+def _grouped_batches(sorted_images: torch.Tensor, pair_order: torch.Tensor, max_texts_per_batch: int):
+    """Batches for grouped ITM, planned on the host: `(images (G,), pairs (G * m,), valid (G * m,))` where group g
+    holds up to `m` pairs of image `images[g]`. Runs of one image longer than the batch are split; groups shorter
+    than `m` repeat their last pair (`valid` False), so similar sizes are batched together."""
+    images, counts = torch.unique_consecutive(sorted_images, return_counts=True)
+    pieces, start = [], 0
+    for image, count in zip(images.tolist(), counts.tolist()):
+        for offset in range(0, count, max_texts_per_batch):
+            pieces.append((image, start + offset, min(max_texts_per_batch, count - offset)))
+        start += count
+    pieces.sort(key=lambda piece: -piece[2])
+    begin = 0
+    while begin < len(pieces):
+        per_group = pieces[begin][2]  # the largest in this batch: every group is padded to it
+        stop = min(len(pieces), begin + max(1, max_texts_per_batch // per_group))
+        batch = pieces[begin:stop]
+        begin = stop
+        firsts = torch.tensor([p[1] for p in batch])
+        counts = torch.tensor([p[2] for p in batch])
+        slot = torch.arange(per_group)
+        valid = (slot[None] < counts[:, None]).flatten()
+        pairs = pair_order[(firsts[:, None] + torch.minimum(slot[None], counts[:, None] - 1)).flatten()]
+        yield torch.tensor([p[0] for p in batch]), pairs, valid
+
+
 @contextlib.contextmanager
 def eager_attention(model: nn.Module):
     """Run `model` with eager attention (attention probabilities are needed, e.g. by Grad-CAM), then restore."""
@@ -199,8 +228,108 @@ class AlbefForRetrieval(AlbefModel):
     def itm_logits(
         self, text_states: torch.Tensor, attention_mask: torch.Tensor | None, image_states: torch.Tensor
     ) -> torch.Tensor:
-        """ITM logits (batch, 2) of aligned pairs, from text-encoder and image-encoder states."""
-        return self.itm_head(self.fuse(text_states, attention_mask, image_states)[:, 0])
+        """ITM logits (batch, 2) of aligned pairs (text i, image i), from text-encoder and image-encoder states."""
+        return self.itm_head(self.fuse(text_states, attention_mask, image_states, cls_only=True)[:, 0])
+
+    def itm_logits_for_image(
+        self,
+        image_states: torch.Tensor,
+        text_states: torch.Tensor,
+        text_attention_mask: torch.Tensor | None = None,
+        max_query_tokens: int = MAX_QUERY_TOKENS,
+    ) -> torch.Tensor:
+        """ITM logits `(k, 2)` of one image against `k` candidate texts (index 1 = match), as re-ranking needs.
+
+        image_states (`(tokens, hidden)` or `(1, tokens, hidden)`): the vision model's output for the image.
+        text_states (`(k, length, hidden)`) / text_attention_mask (`(k, length)`): the text model's output in mode
+            `"text"` and its padding mask.
+
+        Equals `itm_logits(text_states, text_attention_mask, image_states.expand(k, -1, -1))`; the image's
+        cross-attention keys/values are projected once for all `k` texts."""
+        image_states = image_states.reshape(1, *image_states.shape[-2:])
+        k = text_states.shape[0]
+        return self.itm_logits_for_pairs(
+            image_states,
+            text_states,
+            text_attention_mask,
+            torch.zeros(k, dtype=torch.long),
+            torch.arange(k),
+            max_query_tokens=max_query_tokens,
+        )
+
+    def itm_logits_for_pairs(
+        self,
+        image_states: torch.Tensor,
+        text_states: torch.Tensor,
+        text_attention_mask: torch.Tensor | None,
+        image_index: torch.Tensor,
+        text_index: torch.Tensor,
+        max_query_tokens: int = MAX_QUERY_TOKENS,
+    ) -> torch.Tensor:
+        """ITM logits `(pairs, 2)` of the pairs `(image_states[image_index[p]], text_states[text_index[p]])`.
+
+        image_states (`(images, tokens, hidden)`): vision-model outputs, on the model's device.
+        text_states (`(texts, length, hidden)`) / text_attention_mask (`(texts, length)`): text-model outputs in mode
+            `"text"` and their padding mask, on any device (a batch at a time moves to the images' device).
+        image_index / text_index (`(pairs,)`): the pairs to score, in any order, repeats allowed.
+        max_query_tokens: text tokens per fusion forward (bounds the attention scores' memory).
+
+        Equals `itm_logits(text_states[text_index], text_attention_mask[text_index], image_states[image_index])` up to
+        float rounding, computed as one grouped fusion: pairs are grouped by image so that each image's keys/values
+        are projected once per group, the last fusion layer computes [CLS] only, and columns that are padding in
+        every text of a batch are dropped. The grouping is planned on the host, once per call."""
+        device = image_states.device
+        if image_states.ndim != 3 or text_states.ndim != 3:
+            raise ValueError(
+                f"image_states must be (images, tokens, hidden) and text_states (texts, length, hidden), got "
+                f"{tuple(image_states.shape)} and {tuple(text_states.shape)}"
+            )
+        image_index = torch.as_tensor(image_index).reshape(-1).to("cpu", torch.long)
+        text_index = torch.as_tensor(text_index).reshape(-1).to("cpu", torch.long)
+        if image_index.shape != text_index.shape:
+            raise ValueError(f"image_index {tuple(image_index.shape)} and text_index {tuple(text_index.shape)} differ")
+        num_images, num_texts, length = image_states.shape[0], text_states.shape[0], text_states.shape[1]
+        logits = torch.empty((image_index.numel(), 2), dtype=image_states.dtype, device=device)
+        if image_index.numel() == 0:
+            return logits
+        for name, index, size in (("image_index", image_index, num_images), ("text_index", text_index, num_texts)):
+            if int(index.min()) < 0 or int(index.max()) >= size:
+                raise ValueError(
+                    f"{name} must lie in [0, {size}), got values from {int(index.min())} to {int(index.max())}"
+                )
+        if text_attention_mask is None:
+            text_attention_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)
+        if tuple(text_attention_mask.shape) != (num_texts, length):
+            raise ValueError(
+                f"text_attention_mask must be ({num_texts}, {length}) like text_states, got "
+                f"{tuple(text_attention_mask.shape)}"
+            )
+        # Each text's used length (last attended column + 1), read once on the host.
+        attended = text_attention_mask.to("cpu") != 0
+        if not bool(attended[:, 0].all()):
+            rows = (~attended[:, 0]).nonzero().flatten().tolist()
+            raise ValueError(
+                f"texts {rows} have attention_mask 0 at position 0; every text starts with an attended [CLS]"
+            )
+        used_length = (attended * torch.arange(1, length + 1)).amax(1)
+
+        order = torch.argsort(image_index, stable=True)
+        for images, pairs, valid in _grouped_batches(image_index[order], order, max(1, max_query_tokens // length)):
+            per_group = pairs.shape[0] // images.shape[0]
+            texts = text_index[pairs]
+            used = max(1, int(used_length[texts].max()))
+            on_text_device = texts.to(text_states.device)
+            fused = self.text_model(
+                text_embeds=text_states[on_text_device, :used].to(device),
+                attention_mask=text_attention_mask[on_text_device, :used].to(device),
+                encoder_hidden_states=image_states[images.to(device)],
+                mode="fusion",
+                group_size=per_group,
+                cls_only=True,
+            ).last_hidden_state
+            keep = valid.to(device)
+            logits[pairs.to(device)[keep]] = self.itm_head(fused[:, 0])[keep].to(logits.dtype)
+        return logits
 
     def forward(
         self,
@@ -284,7 +413,7 @@ class AlbefForRetrieval(AlbefModel):
         loss_itc = itc_loss(sim_i2t, sim_t2i, targets_i2t, targets_t2i)
         momentum.enqueue(image_feat_m, text_feat_m, image_ids)
 
-        fused_pos = self.fuse(text_states, attention_mask, image_states)
+        fused_pos = self.fuse(text_states, attention_mask, image_states, cls_only=True)
         with torch.no_grad():
             if image_ids is None:
                 weights_i2t = F.softmax(sim_i2t[:, :batch], dim=1)
@@ -304,6 +433,7 @@ class AlbefForRetrieval(AlbefModel):
             torch.cat([text_states, text_states[negative_texts]]),
             torch.cat([attention_mask, attention_mask[negative_texts]]),
             torch.cat([image_states[negative_images], image_states]),
+            cls_only=True,
         )
         itm_logits = self.itm_head(torch.cat([fused_pos[:, 0], fused_neg[:, 0]]))
         itm_labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])

@@ -61,28 +61,28 @@ def retrieval_score_matrices(model, pixel_values, input_ids, attention_mask, k: 
 @torch.no_grad()
 def rerank_encoded(model, image_states, image_embeds, text_states, text_embeds, text_mask, k: int):
     """The score matrices of `retrieval_score_matrices` from `encode_for_retrieval`'s outputs (for callers that also
-    want the ITC similarities without encoding twice)."""
+    want the ITC similarities without encoding twice). The top `k` texts of each image and images of each text are
+    scored together in one grouped ITM call; a pair both lists hold is fused once."""
     num_images, num_texts = image_states.shape[0], text_states.shape[0]
     if not 1 <= k:
         raise ValueError(f"k must be >= 1, got {k}")
     sims = image_embeds @ text_embeds.t()
-
+    k_texts, k_images = min(k, num_texts), min(k, num_images)
+    top_texts = sims.topk(k_texts, dim=1).indices.cpu()  # (images, k)
+    top_images = sims.t().topk(k_images, dim=1).indices.cpu()  # (texts, k)
+    keys = torch.cat(
+        [
+            torch.arange(num_images).repeat_interleave(k_texts) * num_texts + top_texts.flatten(),
+            top_images.flatten() * num_texts + torch.arange(num_texts).repeat_interleave(k_images),
+        ]
+    )
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    match = model.itm_logits_for_pairs(image_states, text_states, text_mask, unique // num_texts, unique % num_texts)
+    pair_scores = match[:, 1].float()[inverse.to(sims.device)]
     score_i2t = torch.full((num_images, num_texts), -100.0, device=sims.device)
-    k_texts = min(k, num_texts)
-    for i in range(num_images):
-        _, top = sims[i].topk(k_texts)
-        logits = model.itm_logits(text_states[top], text_mask[top], image_states[i].expand(k_texts, -1, -1))
-        score_i2t[i, top] = logits[:, 1].float()
-
     score_t2i = torch.full((num_texts, num_images), -100.0, device=sims.device)
-    k_images = min(k, num_images)
-    sims_t = sims.t()
-    for t in range(num_texts):
-        _, top = sims_t[t].topk(k_images)
-        logits = model.itm_logits(
-            text_states[t].expand(k_images, -1, -1), text_mask[t].expand(k_images, -1), image_states[top]
-        )
-        score_t2i[t, top] = logits[:, 1].float()
+    score_i2t.scatter_(1, top_texts.to(sims.device), pair_scores[: num_images * k_texts].view(num_images, k_texts))
+    score_t2i.scatter_(1, top_images.to(sims.device), pair_scores[num_images * k_texts :].view(num_texts, k_images))
     return score_i2t, score_t2i
 
 
@@ -102,15 +102,13 @@ def _text_tower(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 
 def _match_logits(model, image_states, image_rows, text_states, text_mask, text_rows, batch_size: int) -> torch.Tensor:
     """ITM "match" logits (float32, on the CPU) of the pairs (image_states[image_rows[j]], text_states[text_rows[j]]),
-    `batch_size` pairs per fusion forward (text states may live on another device than the model's, e.g. the CPU)."""
-    device = image_states.device
-    scores = torch.empty(len(image_rows), dtype=torch.float32, device=device)
-    for start in range(0, len(image_rows), batch_size):
-        images = image_rows[start : start + batch_size].to(device)
-        texts = text_rows[start : start + batch_size].to(text_states.device)
-        logits = model.itm_logits(text_states[texts].to(device), text_mask[texts].to(device), image_states[images])
-        scores[start : start + len(images)] = logits[:, 1].float()
-    return scores.cpu()  # one device-to-host copy per image chunk
+    grouped by image, about `batch_size` texts per fusion forward (text states may live on another device than the
+    model's, e.g. the CPU)."""
+    length = text_states.shape[1]
+    logits = model.itm_logits_for_pairs(
+        image_states, text_states, text_mask, image_rows, text_rows, max_query_tokens=batch_size * length
+    )
+    return logits[:, 1].float().cpu()  # one device-to-host copy per image chunk
 
 
 @contextlib.contextmanager

@@ -154,13 +154,10 @@ class AlbefZeroShotImageClassificationPipeline(AlbefPipelineMixin, ZeroShotImage
         k = min(k, logits.shape[1])
         top = logits.topk(k, dim=1).indices  # (images, k)
         prompt_ids = (top[:, :, None] * num_templates + torch.arange(num_templates, device=top.device)).flatten(1)
-        scores = []
-        for row, prompts in enumerate(prompt_ids):  # one fused batch of k * T pairs per image
-            itm = self.model.itm_logits(
-                text_states[prompts], attention_mask[prompts], image_states[row].expand(len(prompts), -1, -1)
-            )
-            scores.append(itm.float().softmax(-1)[:, 1].view(k, num_templates).mean(1))
-        scores = torch.stack(scores)
+        # Every (image, prompt) pair in one grouped ITM call: each image's keys/values are projected once.
+        images = torch.arange(len(prompt_ids), device=prompt_ids.device).repeat_interleave(prompt_ids.shape[1])
+        itm = self.model.itm_logits_for_pairs(image_states, text_states, attention_mask, images, prompt_ids.flatten())
+        scores = itm.float().softmax(-1)[:, 1].view(len(prompt_ids), k, num_templates).mean(2)
         order = scores.argsort(dim=1, descending=True)
         return torch.gather(top, 1, order), torch.gather(scores, 1, order)
 
