@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 import transformers_albef as ta
 from transformers_albef import cli
 from transformers_albef.cli import demo
-from transformers_albef.processing_albef import pre_caption
+from transformers_albef.models.albef.processing_albef import pre_caption
 
 from .cli_helpers import assert_user_error, run_cli
 from .parity_utils import load_fixture

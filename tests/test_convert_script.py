@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import transformers_albef as ta
-from transformers_albef.processing_albef import BERT_VOCAB
+from transformers_albef.models.albef.processing_albef import BERT_VOCAB
 
 from .hub_fixtures import hub_fixture  # noqa: F401
 from .parity_utils import load_fixture, tiny_config

@@ -10,7 +10,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 import transformers_albef as ta
-from transformers_albef.objectives import sequence_lm_loss
+from transformers_albef.models.albef.modeling_albef import sequence_lm_loss
 from transformers_albef.retrieval import retrieval_score_matrices
 
 from .parity_utils import assert_close, load_fixture

@@ -305,7 +305,7 @@ def test_internal_masking_and_sampling_run():
 def test_pretraining_scores_only_masked_positions():
     """The training forward projects only the masked positions onto the vocabulary: the logits and the loss equal
     those of the full-sequence projection (which the original computes) at those positions."""
-    from transformers_albef.objectives import mlm_loss
+    from transformers_albef.models.albef.modeling_albef import mlm_loss
 
     model = make(ta.AlbefForPreTraining).eval()  # no dropout: the two computations see the same activations
     pixel_values, ids, mask = tiny_batch()
@@ -434,7 +434,7 @@ def test_invalid_configs_are_refused(config_class, kwargs, message):
 
 
 def test_mlm_loss_without_masked_tokens_is_zero_not_nan():
-    from transformers_albef.objectives import mlm_loss
+    from transformers_albef.models.albef.modeling_albef import mlm_loss
 
     logits = torch.randn(2, 5, 11, requires_grad=True)
     labels = torch.full((2, 5), -100)

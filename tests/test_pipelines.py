@@ -202,7 +202,7 @@ def test_zero_shot_is_unchanged_for_other_models(images, tmp_path):
     from transformers import BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
     torch.manual_seed(0)
-    tokenizer = BertTokenizer(vocab=str(transformers_albef.processing_albef.BERT_VOCAB), model_max_length=77)
+    tokenizer = BertTokenizer(vocab=str(transformers_albef.models.albef.processing_albef.BERT_VOCAB), model_max_length=77)
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

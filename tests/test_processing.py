@@ -17,12 +17,12 @@ from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPI
 from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
 
 import transformers_albef  # noqa: F401  (registers the Auto classes, see require_auto_registration)
-from transformers_albef.image_processing_albef import AlbefImageProcessor
-from transformers_albef.processing_albef import AlbefProcessor, pre_caption, pre_question
+from transformers_albef.models.albef.image_processing_albef import AlbefImageProcessor
+from transformers_albef.models.albef.processing_albef import AlbefProcessor, pre_caption, pre_question
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PROCESSING = FIXTURES / "processing"
-from transformers_albef.processing_albef import BERT_VOCAB as VOCAB  # noqa: E402  (the real bert-base-uncased vocab)
+from transformers_albef.models.albef.processing_albef import BERT_VOCAB as VOCAB  # noqa: E402  (the real bert-base-uncased vocab)
 
 CLS, SEP, PAD = 101, 102, 0
 

@@ -18,26 +18,33 @@ from transformers import (
 
 from . import hub
 from .bundled import bundled_model_path
-from .configuration_albef import ALBEF_PRESETS, AlbefConfig, AlbefTextConfig, AlbefVisionConfig
 from .grounding import AlbefGradCamOutput
-from .image_processing_albef import AlbefImageProcessor
-from .modeling_albef import (
+from .models.albef import (
+    ALBEF_PRESETS,
+    AlbefAnswerRanking,
     AlbefClassifierOutput,
+    AlbefConfig,
     AlbefForPreTraining,
+    AlbefForQuestionAnswering,
     AlbefForRetrieval,
     AlbefForTextAssignment,
     AlbefForVisualEntailment,
     AlbefForVisualReasoning,
+    AlbefImageProcessor,
     AlbefModel,
     AlbefOutput,
+    AlbefPreTrainedModel,
+    AlbefProcessor,
+    AlbefQuestionAnsweringOutput,
+    AlbefTextConfig,
+    AlbefTextModel,
+    AlbefVisionConfig,
+    AlbefVisionModel,
+    pre_caption,
+    pre_question,
 )
-from .modeling_albef_base import AlbefPreTrainedModel
-from .modeling_albef_text import AlbefTextModel
-from .modeling_albef_vision import AlbefVisionModel
-from .modeling_albef_vqa import AlbefAnswerRanking, AlbefForQuestionAnswering, AlbefQuestionAnsweringOutput
-from .objectives import mask_tokens
+from .models.albef.modeling_albef import mask_tokens
 from .pipelines import register_pipelines
-from .processing_albef import AlbefProcessor, pre_caption, pre_question
 from .retrieval import chunked_retrieval_score_matrices
 from .retrieval_index import RetrievalEngine, RetrievalIndex
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .configuration_albef import ALBEF_PRESETS, AlbefConfig
+from .models.albef.configuration_albef import ALBEF_PRESETS, AlbefConfig
 
 # ----- original checkpoint kinds ------------------------------------------------------------------------------------
 

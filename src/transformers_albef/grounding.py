@@ -40,7 +40,7 @@ def gradcam(model, pixel_values, input_ids, attention_mask=None, mode: str = "it
     `--block_num`) times the positive gradient of the ITC similarity of the pair.
     Runs with eager attention whatever the model's backend, since it needs the attention probabilities.
     """
-    from .modeling_albef import _check_pairs, eager_attention
+    from .models.albef.modeling_albef import _check_pairs, eager_attention
 
     if mode not in GRADCAM_MODES:
         raise ValueError(f"mode must be one of {GRADCAM_MODES}, got {mode!r}")

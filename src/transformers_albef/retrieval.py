@@ -18,72 +18,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .models.albef.modeling_albef import encode_for_retrieval, rerank_encoded
+
 SCORE_MODES = ("itm", "itm+itc", "itc")
 # Images per block of the ITC similarity matrix: 4096 x 25K captions is 400 MB in float32.
 SIMILARITY_BLOCK_SIZE = 4096
 
 
 @torch.no_grad()
-def encode_for_retrieval(model, pixel_values, input_ids, attention_mask, batch_size: int = 256):
-    """Tower outputs and normalised ITC embeddings of every image and text, in batches."""
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    # Batches move to the model's device one at a time: a whole evaluation set need not fit there.
-    device = model.device
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    text_states, text_embeds = [], []
-    for start in range(0, input_ids.shape[0], batch_size):
-        states = model.text_model(
-            input_ids[start : start + batch_size], attention_mask[start : start + batch_size], mode="text"
-        ).last_hidden_state
-        text_states.append(states)
-        text_embeds.append(F.normalize(model.text_proj(states[:, 0]), dim=-1))
-    image_states, image_embeds = [], []
-    for start in range(0, pixel_values.shape[0], batch_size):
-        states = model.vision_model(pixel_values[start : start + batch_size].to(device)).last_hidden_state
-        image_states.append(states)
-        image_embeds.append(F.normalize(model.vision_proj(states[:, 0]), dim=-1))
-    return (
-        torch.cat(image_states),
-        torch.cat(image_embeds),
-        torch.cat(text_states),
-        torch.cat(text_embeds),
-        attention_mask,
-    )
-
-
-@torch.no_grad()
 def retrieval_score_matrices(model, pixel_values, input_ids, attention_mask, k: int):
-    """(score_i2t (images, texts), score_t2i (texts, images)) exactly as the original evaluation."""
+    """(score_i2t (images, texts), score_t2i (texts, images)) exactly as the original evaluation (the whole corpus in
+    memory; `chunked_retrieval_score_matrices` bounds it)."""
     return rerank_encoded(model, *encode_for_retrieval(model, pixel_values, input_ids, attention_mask), k=k)
-
-
-@torch.no_grad()
-def rerank_encoded(model, image_states, image_embeds, text_states, text_embeds, text_mask, k: int):
-    """The score matrices of `retrieval_score_matrices` from `encode_for_retrieval`'s outputs (for callers that also
-    want the ITC similarities without encoding twice). The top `k` texts of each image and images of each text are
-    scored together in one grouped ITM call; a pair both lists hold is fused once."""
-    num_images, num_texts = image_states.shape[0], text_states.shape[0]
-    if not 1 <= k:
-        raise ValueError(f"k must be >= 1, got {k}")
-    sims = image_embeds @ text_embeds.t()
-    k_texts, k_images = min(k, num_texts), min(k, num_images)
-    top_texts = sims.topk(k_texts, dim=1).indices.cpu()  # (images, k)
-    top_images = sims.t().topk(k_images, dim=1).indices.cpu()  # (texts, k)
-    keys = torch.cat(
-        [
-            torch.arange(num_images).repeat_interleave(k_texts) * num_texts + top_texts.flatten(),
-            top_images.flatten() * num_texts + torch.arange(num_texts).repeat_interleave(k_images),
-        ]
-    )
-    unique, inverse = torch.unique(keys, return_inverse=True)
-    match = model.itm_logits_for_pairs(image_states, text_states, text_mask, unique // num_texts, unique % num_texts)
-    pair_scores = match[:, 1].float()[inverse.to(sims.device)]
-    score_i2t = torch.full((num_images, num_texts), -100.0, device=sims.device)
-    score_t2i = torch.full((num_texts, num_images), -100.0, device=sims.device)
-    score_i2t.scatter_(1, top_texts.to(sims.device), pair_scores[: num_images * k_texts].view(num_images, k_texts))
-    score_t2i.scatter_(1, top_images.to(sims.device), pair_scores[num_images * k_texts :].view(num_texts, k_images))
-    return score_i2t, score_t2i
 
 
 # ----- shared by the bounded evaluation and the search engine --------------------------------------------------------

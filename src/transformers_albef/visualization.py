@@ -271,7 +271,7 @@ def ground(
     `clean_text` applies the original caption cleaning (lower case, punctuation removed) first."""
     import torch
 
-    from .processing_albef import pre_caption
+    from .models.albef.processing_albef import pre_caption
 
     text = pre_caption(text) if clean_text else text
     if not text.strip():

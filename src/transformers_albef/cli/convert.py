@@ -66,7 +66,7 @@ def step(message: str):
 def load_tokenizer(name_or_path: str | None) -> BertTokenizer:
     """The bundled bert-base-uncased vocabulary by default; a vocab.txt, a tokenizer folder or a Hub name otherwise."""
     if name_or_path is None:
-        return BertTokenizer(vocab=str(ta.processing_albef.BERT_VOCAB), model_max_length=512)
+        return BertTokenizer(vocab=str(ta.models.albef.processing_albef.BERT_VOCAB), model_max_length=512)
     if Path(name_or_path).is_file():
         return BertTokenizer(vocab=name_or_path, model_max_length=512)
     return BertTokenizer.from_pretrained(name_or_path)

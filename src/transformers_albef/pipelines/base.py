@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from transformers import AutoConfig
 from transformers.image_utils import load_image
 
-from ..modeling_albef import AlbefForRetrieval, AlbefModel
-from ..processing_albef import AlbefProcessor
+from ..models.albef.modeling_albef import AlbefForRetrieval, AlbefModel
+from ..models.albef.processing_albef import AlbefProcessor
 
 
 def is_albef_model(model) -> bool:

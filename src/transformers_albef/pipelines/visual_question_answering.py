@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from transformers.pipelines.base import Pipeline
 
-from ..modeling_albef_vqa import AlbefForQuestionAnswering
+from ..models.albef.modeling_albef import AlbefForQuestionAnswering
 from .base import AlbefPipelineMixin, as_list, check_texts
 
 MODES = ("rank", "generate")

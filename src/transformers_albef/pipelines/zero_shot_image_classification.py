@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers.pipelines.zero_shot_image_classification import ZeroShotImageClassificationPipeline
 
-from ..modeling_albef import AlbefModel
+from ..models.albef.modeling_albef import AlbefModel
 from .base import AlbefPipelineMixin, check_texts, is_albef_model
 
 DEFAULT_TEMPLATE = "a picture of {}"

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from ..objectives import mask_tokens
-from ..processing_albef import AlbefProcessor, pre_caption, pre_question
+from ..models.albef.modeling_albef import mask_tokens
+from ..models.albef.processing_albef import AlbefProcessor, pre_caption, pre_question
 from .data import BadRecordError, SkippedRecords, check_text, open_image
 
 NLVR_LABELS = {"False": 0, "True": 1}

@@ -12,7 +12,7 @@ import PIL.Image
 from datasets import Dataset, Features, IterableDataset, Value
 from transformers.utils import logging
 
-from ..processing_albef import pre_caption
+from ..models.albef.processing_albef import pre_caption
 
 logger = logging.get_logger(__name__)
 

@@ -42,10 +42,14 @@ from pathlib import Path
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import logging
 
-from ..configuration_albef import ALBEF_PRESETS, AlbefConfig
-from ..modeling_albef import AlbefForRetrieval, AlbefForVisualEntailment, AlbefForVisualReasoning
-from ..modeling_albef_vqa import AlbefForQuestionAnswering
-from ..processing_albef import AlbefProcessor
+from ..models.albef.configuration_albef import ALBEF_PRESETS, AlbefConfig
+from ..models.albef.modeling_albef import (
+    AlbefForQuestionAnswering,
+    AlbefForRetrieval,
+    AlbefForVisualEntailment,
+    AlbefForVisualReasoning,
+)
+from ..models.albef.processing_albef import AlbefProcessor
 from .callbacks import AlphaWarmupCallback
 from .metrics import accuracy_from_logits
 from .trainer import AlbefTrainer, RetrievalEvaluator, VQAEvaluator

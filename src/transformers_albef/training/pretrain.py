@@ -79,9 +79,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser
 
-from ..configuration_albef import AlbefConfig
-from ..modeling_albef import AlbefForPreTraining
-from ..processing_albef import AlbefProcessor
+from ..models.albef.configuration_albef import AlbefConfig
+from ..models.albef.modeling_albef import AlbefForPreTraining
+from ..models.albef.processing_albef import AlbefProcessor
 from .checkpointing import (
     TrainingProgress,
     checkpoint_step,

@@ -12,7 +12,7 @@ from typing import Any
 from datasets import Dataset, Features, List, Value
 from transformers.utils import logging
 
-from ..processing_albef import pre_caption, pre_question
+from ..models.albef.processing_albef import pre_caption, pre_question
 from .data import (
     BadRecordError,
     SkippedRecords,

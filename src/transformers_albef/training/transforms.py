@@ -22,7 +22,7 @@ from PIL import ImageEnhance, ImageFilter, ImageOps
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from ..image_processing_albef import AlbefImageProcessor
+from ..models.albef.image_processing_albef import AlbefImageProcessor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -42,7 +42,8 @@ def pre_question(question: str, max_words: int = 50) -> str:
 _CLEANERS = {"caption": pre_caption, "question": pre_question}
 
 # The bert-base-uncased vocabulary ships with the package, so the processor works offline.
-BERT_VOCAB = Path(__file__).parent / "resources" / "bert-base-uncased-vocab.txt"
+# The package ships the vocabulary beside the model folder (a Hub repo carries its own tokenizer files instead).
+BERT_VOCAB = Path(__file__).resolve().parents[2] / "resources" / "bert-base-uncased-vocab.txt"
 
 
 class AlbefTextKwargs(TextKwargs, total=False):
