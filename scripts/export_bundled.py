@@ -5,6 +5,11 @@
     python scripts/export_bundled.py --task vqa --model runs/easy-vqa/model \
         --answer-list runs/easy-vqa/data/answer_list.json --card model_cards/bundled-vqa.md
 
+After a change to the model folder (`src/transformers_albef/models/albef/`), refresh the code files the bundles carry
+(they load as remote code without this package, like any folder `save_pretrained` writes):
+
+    python scripts/export_bundled.py --refresh
+
 The weights are stored in float16 (half the size; the bundle must stay under 25 MB) and load as float32: the saved
 config says `dtype: float32`. Training state (momentum towers, queues) is dropped. The processor is saved alongside.
 """
@@ -57,12 +62,23 @@ def export(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=sorted(CLASSES), required=True)
-    parser.add_argument("--model", type=Path, required=True, help="trained model folder (save_pretrained)")
+    parser.add_argument("--task", choices=sorted(CLASSES))
+    parser.add_argument("--model", type=Path, help="trained model folder (save_pretrained)")
+    parser.add_argument("--refresh", action="store_true", help="re-export every bundle from itself (code files)")
     parser.add_argument("--answer-list", type=Path, help="VQA: answer_list.json stored in the config")
     parser.add_argument("--card", type=Path, help="model card (markdown) saved as README.md")
     parser.add_argument("--output", type=Path, help="default: the package's bundled folder for the task")
     args = parser.parse_args()
+    if args.refresh:
+        for task in sorted(CLASSES):
+            folder = BUNDLED_ROOT / task
+            with tempfile.TemporaryDirectory() as tmp:
+                card = Path(tmp) / "README.md"
+                shutil.copyfile(folder / "README.md", card)
+                print(f"refreshed {export(task, folder, folder, card=card)}")
+        return 0
+    if args.task is None or args.model is None:
+        parser.error("--task and --model are required (or --refresh)")
     answers = json.loads(args.answer_list.read_text()) if args.answer_list else None
     output = args.output or BUNDLED_ROOT / args.task
     output.parent.mkdir(parents=True, exist_ok=True)

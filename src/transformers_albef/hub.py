@@ -1,42 +1,24 @@
 """Publishing ALBEF models on the Hugging Face Hub, loadable with or without this package installed.
 
-`save_for_hub` writes a self-contained folder: the model and processor as `save_pretrained` writes them, this
-package's code files the model needs (with their relative imports, as transformers' remote-code loader expects),
-`auto_map` entries in `config.json` and `processor_config.json`, and the model card. `push_to_hub` publishes such a
+`save_for_hub` writes a self-contained folder: the model and processor as `save_pretrained` writes them (which
+includes the model folder's code files and the `auto_map` entries, as transformers' remote-code loader expects)
+and the model card. `push_to_hub` publishes such a
 folder in one commit. The repo then loads with `AutoModel.from_pretrained(repo)` where the package is installed
 (its registrations win), and with `trust_remote_code=True` where it is not.
 """
 
 from __future__ import annotations
 
-import ast
 import json
-import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
-from transformers import (
-    AutoModel,
-    AutoModelForPreTraining,
-    AutoModelForSequenceClassification,
-    AutoModelForVisualQuestionAnswering,
-    AutoModelForZeroShotImageClassification,
-)
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-# The Auto classes this package registers models with (__init__.py). `auto_map` gets AutoModel, and each task class
-# whose registered model is the published head or one of its bases, so loading it drops nothing but extra heads.
-TASK_AUTO_CLASSES = (
-    AutoModelForPreTraining,
-    AutoModelForZeroShotImageClassification,
-    AutoModelForSequenceClassification,
-    AutoModelForVisualQuestionAnswering,
-)
 # Files of an earlier version that a new push replaces (weights may be sharded differently, modules renamed).
 # README.md and anything else in the repo stay unless re-uploaded.
 REPLACED_ON_PUSH = ["*.safetensors", "*.bin", "*.json", "*.py"]
@@ -51,49 +33,28 @@ class HubPushError(RuntimeError):
 
 
 def auto_map(model) -> dict[str, str]:
-    """The `auto_map` of `config.json` for `model`: AutoConfig, AutoModel and the task Auto classes that fit it."""
-    return {name: _class_reference(cls) for name, cls in auto_map_classes(model).items()}
-
-
-def code_files(*classes: type) -> list[Path]:
-    """The source files `classes` need: their modules and everything those import relatively, recursively."""
-    todo = [Path(sys.modules[cls.__module__].__file__) for cls in classes]
-    found: dict[Path, None] = {}
-    while todo:
-        path = todo.pop()
-        if path in found:
-            continue
-        found[path] = None
-        todo.extend(path.parent / f"{name}.py" for name in _relative_imports(path))
-    return sorted(found)
+    """The `auto_map` of `config.json` for `model` (what its `save_pretrained` writes)."""
+    return model.remote_code_auto_map()
 
 
 def save_for_hub(model, processor, folder: str | Path, card: ModelCard | str | None = None) -> Path:
     """
     Write `model`, `processor` (may be None) and `card` (a `huggingface_hub.ModelCard`, markdown text or None) to
-    `folder` as a repo that loads with or without this package: the code files and `auto_map` entries for
-    `trust_remote_code=True` are added. Returns the folder.
+    `folder` as a repo that loads with or without this package. `save_pretrained` already writes the model folder's
+    code files and the `auto_map` entries `trust_remote_code=True` needs; the image processor's entry, nested in
+    `processor_config.json`, is added here. Returns the folder.
     """
     folder = Path(folder)
     model.save_pretrained(folder)
-    classes = [type(model), *auto_map_classes(model).values()]
     if processor is not None:
         processor.save_pretrained(folder)
-        classes += [type(processor), type(processor.image_processor)]
-    for path in code_files(*classes):
-        shutil.copyfile(path, folder / path.name)
-
-    _update_json(folder / "config.json", lambda config: config.update(auto_map=auto_map(model)))
-    if processor is not None:
-        processor_map = {"AutoProcessor": _class_reference(type(processor))}
         image_map = {"AutoImageProcessor": _class_reference(type(processor.image_processor))}
 
-        def add_processor_maps(config: dict):
-            config["auto_map"] = {**config.get("auto_map", {}), **processor_map}
+        def add_image_processor_map(config: dict):
             if isinstance(config.get("image_processor"), dict):  # transformers 5 nests it in processor_config.json
                 config["image_processor"]["auto_map"] = image_map
 
-        _update_json(folder / "processor_config.json", add_processor_maps)
+        _update_json(folder / "processor_config.json", add_image_processor_map)
         _update_json(folder / "preprocessor_config.json", lambda config: config.update(auto_map=image_map))
     if card is not None:
         (folder / "README.md").write_text(str(card), encoding="utf-8")
@@ -180,34 +141,8 @@ def unreachable_code_files(folder: str | Path) -> list[str]:
     return sorted(path.name for path in folder.glob("*.py") if path.name not in reached)
 
 
-def auto_map_classes(model) -> dict[str, type]:
-    """Auto class name -> the class it loads for `model`'s repo (see `auto_map`)."""
-    config_class = type(model.config)
-    classes = {"AutoConfig": config_class}
-    for auto_class in (AutoModel, *TASK_AUTO_CLASSES):
-        try:
-            registered = auto_class._model_mapping[config_class]
-        except KeyError:
-            continue
-        if auto_class is AutoModel or isinstance(model, registered):
-            classes[auto_class.__name__] = registered
-    return classes
-
-
 def _class_reference(cls: type) -> str:
     return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
-
-
-def _relative_imports(path: Path) -> list[str]:
-    """Sibling modules that `path` imports (`from .x import y`, `from . import x`), anywhere in the file."""
-    names = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                names.append(node.module.split(".")[0])
-            else:
-                names += [alias.name for alias in node.names if (path.parent / f"{alias.name}.py").is_file()]
-    return names
 
 
 def _update_json(path: Path, update) -> None:
@@ -221,7 +156,6 @@ def _update_json(path: Path, update) -> None:
 __all__ = [
     "HubPushError",
     "auto_map",
-    "code_files",
     "push_folder",
     "push_to_hub",
     "save_for_hub",

@@ -206,4 +206,8 @@ ALBEF_PRESETS: dict[str, dict] = {
 }
 
 
+# Saved configs name their code (auto_map), so a folder loads with trust_remote_code=True without this package.
+for _config in (AlbefConfig, AlbefTextConfig, AlbefVisionConfig):
+    _config.register_for_auto_class()
+
 __all__ = ["AlbefConfig", "AlbefTextConfig", "AlbefVisionConfig", "ALBEF_PRESETS"]

@@ -112,4 +112,6 @@ class AlbefImageProcessor(PilBackend):
         return np.take(image, [0, 1, 2], axis=channel_axis)
 
 
+AlbefImageProcessor.register_for_auto_class()  # saved image processors name their code (auto_map)
+
 __all__ = ["AlbefImageProcessor"]

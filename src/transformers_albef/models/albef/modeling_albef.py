@@ -339,6 +339,25 @@ class AlbefPreTrainedModel(PreTrainedModel):
             )
         return self.momentum
 
+    def remote_code_auto_map(self) -> dict[str, str]:
+        """`config.json`'s `auto_map` for this head: AutoConfig, AutoModel (`AlbefModel`, the towers of any
+        checkpoint) and each task Auto class that loads this head or one of its bases (`AUTO_CLASSES`); a head that
+        no task Auto class fits is AutoModel's in its own repo."""
+        entries = {"AutoConfig": f"configuration_albef.{type(self.config).__name__}"}
+        for auto_class, name in AUTO_CLASSES.items():
+            if auto_class == "AutoModel" or isinstance(self, globals()[name]):
+                entries[auto_class] = f"modeling_albef.{name}"
+        if self._auto_class is not None:
+            entries[self._auto_class] = f"modeling_albef.{type(self).__name__}"
+        return entries
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' `save_pretrained`, plus the model folder's code files and the `auto_map` entries
+        (`remote_code_auto_map`): the saved folder loads with `trust_remote_code=True` where this package is not
+        installed. `push_to_hub` and the Trainer's push go through here."""
+        self.config.auto_map = self.remote_code_auto_map()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         want_info = kwargs.pop("output_loading_info", False)
@@ -2045,7 +2064,27 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel, GenerationMixin):
         return inputs
 
 
+# ===== remote code =================================================================================================
+# The Auto class that loads each head (transformers_albef/__init__.py registers the same table); `save_pretrained`
+# writes it into `auto_map` with the code files, so a saved folder loads with `trust_remote_code=True` alone.
+AUTO_CLASSES = {
+    "AutoModel": "AlbefModel",
+    "AutoModelForPreTraining": "AlbefForPreTraining",
+    "AutoModelForZeroShotImageClassification": "AlbefModel",
+    "AutoModelForSequenceClassification": "AlbefForVisualEntailment",
+    "AutoModelForVisualQuestionAnswering": "AlbefForQuestionAnswering",
+}
+AlbefModel.register_for_auto_class("AutoModel")
+AlbefForPreTraining.register_for_auto_class("AutoModelForPreTraining")
+AlbefForVisualEntailment.register_for_auto_class("AutoModelForSequenceClassification")
+AlbefForQuestionAnswering.register_for_auto_class("AutoModelForVisualQuestionAnswering")
+# No task Auto class fits these: in their own repos, AutoModel loads them.
+for _head in (AlbefForRetrieval, AlbefForVisualReasoning, AlbefForTextAssignment, AlbefVisionModel, AlbefTextModel):
+    _head.register_for_auto_class("AutoModel")
+
+
 __all__ = [
+    "AUTO_CLASSES",
     "AlbefPreTrainedModel",
     "AlbefVisionModel",
     "AlbefTextModel",

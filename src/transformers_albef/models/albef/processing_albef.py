@@ -241,4 +241,6 @@ class AlbefProcessor(ProcessorMixin):
         return ["token_type_ids"]
 
 
+AlbefProcessor.register_for_auto_class()  # saved processors name their code (auto_map)
+
 __all__ = ["AlbefProcessor", "pre_caption", "pre_question"]
