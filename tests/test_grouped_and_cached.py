@@ -63,7 +63,9 @@ def per_row_retrieval(model, pixel_values, ids, mask, k):
     with torch.no_grad():
         image_states = model.vision_model(pixel_values).last_hidden_state
         text_states = model.text_model(ids, mask, mode="text").last_hidden_state
-        sims = model.get_image_features(pixel_values) @ model.get_text_features(ids, mask).t()
+        sims = (
+            model.get_image_features(pixel_values).pooler_output @ model.get_text_features(ids, mask).pooler_output.t()
+        )
         i2t = torch.full(sims.shape, -100.0)
         for i in range(sims.shape[0]):
             top = sims[i].topk(min(k, sims.shape[1])).indices

@@ -155,9 +155,19 @@ def test_batch_of_one_equals_row_of_batch(cls):
             full = model(pixel_values, ids, mask, use_itm_head=True).itm_logits
             one = model(pixel_values[1:2], ids[1:2], mask[1:2], use_itm_head=True).itm_logits
         elif isinstance(model, ta.AlbefModel):
-            full = torch.cat([model.get_text_features(ids, mask), model.get_image_features(pixel_values)], 1)
+            full = torch.cat(
+                [
+                    model.get_text_features(ids, mask).pooler_output,
+                    model.get_image_features(pixel_values).pooler_output,
+                ],
+                1,
+            )
             one = torch.cat(
-                [model.get_text_features(ids[1:2], mask[1:2]), model.get_image_features(pixel_values[1:2])], 1
+                [
+                    model.get_text_features(ids[1:2], mask[1:2]).pooler_output,
+                    model.get_image_features(pixel_values[1:2]).pooler_output,
+                ],
+                1,
             )
         elif isinstance(model, ta.AlbefForTextAssignment):
             left, right = torch.tensor([1, 0, 3, 2]), torch.tensor([2, 3, 0, 1])
@@ -326,11 +336,11 @@ def test_bad_pixel_values():
     model = make(ta.AlbefModel)
     _, ids, mask = tiny_batch()
     with pytest.raises(ValueError, match="3 channels"):
-        model.get_image_features(torch.randn(2, 1, 32, 32))
+        model.get_image_features(torch.randn(2, 1, 32, 32)).pooler_output
     with pytest.raises(ValueError, match=r"\(batch, 3, 32, 32\)"):
-        model.get_image_features(torch.randn(3, 32, 32))
+        model.get_image_features(torch.randn(3, 32, 32)).pooler_output
     with pytest.raises(ValueError, match="interpolated"):
-        model.get_image_features(torch.randn(2, 3, 48, 48))
+        model.get_image_features(torch.randn(2, 3, 48, 48)).pooler_output
 
 
 def test_bad_text():
@@ -339,13 +349,13 @@ def test_bad_text():
     mask = mask.clone()
     mask[2] = 0
     with pytest.raises(ValueError, match=r"texts \[2\] have attention_mask 0 at position 0"):
-        model.get_text_features(ids, mask)
+        model.get_text_features(ids, mask).pooler_output
     left_padded = torch.ones_like(mask)
     left_padded[1, 0] = 0  # [CLS] is what the heads read: a left-padded text would be read at a pad
     with pytest.raises(ValueError, match=r"texts \[1\]"):
-        model.get_text_features(ids, left_padded)
+        model.get_text_features(ids, left_padded).pooler_output
     with pytest.raises(ValueError, match="length >= 1"):
-        model.get_text_features(ids[:, :0])
+        model.get_text_features(ids[:, :0]).pooler_output
 
 
 def test_mismatched_pairs():
@@ -416,6 +426,20 @@ def test_gradcam_shapes_and_modes():
         model.gradcam(pixel_values, ids, mask, layer=0)
     with pytest.raises(ValueError, match="mode"):
         model.gradcam(pixel_values, ids, mask, mode="xyz")
+
+
+def test_gradcam_switches_to_eager_through_the_public_api_and_restores_the_backend():
+    model = make(ta.AlbefForRetrieval)
+    model.set_attn_implementation("sdpa")
+    pixel_values, ids, mask = tiny_batch()
+    seen = []
+    layer = model.text_model.encoder.layer[-2].crossattention.self
+    hook = layer.register_forward_hook(lambda module, args, out: seen.append(module.config._attn_implementation))
+    cam = model.gradcam(pixel_values, ids, mask)
+    hook.remove()
+    assert seen == ["eager"] and cam.attention_map is not None
+    backends = {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")}
+    assert backends == {"sdpa"}  # the user's choice is back
 
 
 @pytest.mark.parametrize(

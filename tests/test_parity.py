@@ -41,8 +41,8 @@ def check_itc_itm(model, inputs, outputs, meta=None):
     with torch.no_grad():
         image_states = model.vision_model(pixel_values).last_hidden_state
         text_states = model.text_model(ids, mask, mode="text").last_hidden_state
-        image_feat = model.get_image_features(pixel_values)
-        text_feat = model.get_text_features(ids, mask)
+        image_feat = model.get_image_features(pixel_values).pooler_output
+        text_feat = model.get_text_features(ids, mask).pooler_output
         out = model(pixel_values, ids, mask)
         grid_cls, grid_itm = [], []
         for i in range(image_states.shape[0]):
@@ -117,8 +117,8 @@ def test_retrieval_evaluation_matrices():
     assert_close(score_t2i, outputs["score_matrix_t2i"], ATOL, name="score_matrix_t2i")
     with torch.no_grad():
         sims = (
-            model.get_image_features(inputs["pixel_values"])
-            @ model.get_text_features(inputs["eval_input_ids"], inputs["eval_attention_mask"]).t()
+            model.get_image_features(inputs["pixel_values"]).pooler_output
+            @ model.get_text_features(inputs["eval_input_ids"], inputs["eval_attention_mask"]).pooler_output.t()
         )
     assert_close(sims, outputs["eval_sims_matrix"], ATOL, name="eval_sims_matrix")
     txt2img = {int(k): v for k, v in meta["txt2img"].items()}

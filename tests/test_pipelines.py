@@ -138,9 +138,9 @@ def test_zero_shot_prompt_ensemble_averages_normalised_text_embeddings(classifie
     result = classifier(images[1], candidate_labels=LABELS, hypothesis_template=templates)
     model = classifier.model
     with torch.no_grad():
-        image = model.get_image_features(pixels(classifier, images[1:2]))
+        image = model.get_image_features(pixels(classifier, images[1:2])).pooler_output
         prompts = [[template.format(label) for label in LABELS] for template in templates]
-        per_template = [model.get_text_features(**captions(classifier, texts)) for texts in prompts]
+        per_template = [model.get_text_features(**captions(classifier, texts)).pooler_output for texts in prompts]
         text = F.normalize(torch.stack(per_template).mean(0), dim=-1)
     expected = (image @ text.t() / model.temp).softmax(-1)[0]
     got = {r["label"]: r["score"] for r in result}
@@ -202,7 +202,9 @@ def test_zero_shot_is_unchanged_for_other_models(images, tmp_path):
     from transformers import BertTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
     torch.manual_seed(0)
-    tokenizer = BertTokenizer(vocab=str(transformers_albef.models.albef.processing_albef.BERT_VOCAB), model_max_length=77)
+    tokenizer = BertTokenizer(
+        vocab=str(transformers_albef.models.albef.processing_albef.BERT_VOCAB), model_max_length=77
+    )
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -241,7 +243,9 @@ def test_retrieval_equals_the_original_evaluation(retriever, images):
     pixel_values = pixels(retriever, images)
     with torch.no_grad():
         score_i2t, score_t2i = model.retrieval_scores(pixel_values, inputs["input_ids"], inputs["attention_mask"], k=2)
-        itc = model.get_image_features(pixel_values) @ model.get_text_features(**inputs).t()
+        itc = (
+            model.get_image_features(pixel_values).pooler_output @ model.get_text_features(**inputs).pooler_output.t()
+        )
     torch.testing.assert_close(result["itm_scores_i2t"], score_i2t)
     torch.testing.assert_close(result["itm_scores_t2i"], score_t2i)
     torch.testing.assert_close(result["itc_scores"], itc)
@@ -263,8 +267,8 @@ def test_retrieval_itc_only_and_defaults(retriever, images):
     model = retriever.model
     with torch.no_grad():
         itc = (
-            model.get_image_features(pixels(retriever, images[:2]))
-            @ model.get_text_features(**captions(retriever, CAPTIONS)).t()
+            model.get_image_features(pixels(retriever, images[:2])).pooler_output
+            @ model.get_text_features(**captions(retriever, CAPTIONS)).pooler_output.t()
         )
     for i, ranked in enumerate(result["image_to_text"]):
         assert len(ranked) == len(CAPTIONS)  # every candidate by default
@@ -443,7 +447,7 @@ def test_image_features_equal_get_image_features(images, image_paths):
     features = extractor(images, return_tensors=True)
     assert len(features) == 3 and features[0].shape == (1, extractor.model.config.embed_dim)
     with torch.no_grad():
-        expected = extractor.model.get_image_features(pixels(extractor, images))
+        expected = extractor.model.get_image_features(pixels(extractor, images)).pooler_output
     torch.testing.assert_close(torch.cat(features), expected)
     torch.testing.assert_close(torch.cat(features).norm(dim=-1), torch.ones(3))
     from_paths = extractor([str(p) for p in image_paths], batch_size=2)
@@ -455,7 +459,7 @@ def test_text_features_equal_get_text_features():
     extractor = pipeline("albef-text-feature-extraction", model=RETRIEVAL)
     features = extractor(CAPTIONS, return_tensors=True, batch_size=2)
     with torch.no_grad():
-        expected = extractor.model.get_text_features(**captions(extractor, CAPTIONS))
+        expected = extractor.model.get_text_features(**captions(extractor, CAPTIONS)).pooler_output
     torch.testing.assert_close(torch.cat(features), expected, atol=1e-5, rtol=0)
     single = extractor("A red circle.", return_tensors=True)
     torch.testing.assert_close(single, expected[:1])

@@ -174,7 +174,10 @@ def test_chunking_matches_the_original_loop(model, corpus, reference, chunk, fus
 def test_lavis_and_itc_scores(model, corpus, reference):
     args = corpus["pixel_values"], corpus["input_ids"], corpus["attention_mask"]
     with torch.no_grad():
-        sims = model.get_image_features(args[0]) @ model.get_text_features(args[1], args[2]).t()
+        sims = (
+            model.get_image_features(args[0]).pooler_output
+            @ model.get_text_features(args[1], args[2]).pooler_output.t()
+        )
     lavis_i2t, lavis_t2i = chunked_retrieval_score_matrices(model, *args, k=4, score="itm+itc")
     itc_i2t, itc_t2i = chunked_retrieval_score_matrices(model, *args, k=4, score="itc")
     for ours, itm, itc, sim in (

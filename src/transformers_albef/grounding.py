@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
+
+from .models.albef.modeling_albef import _check_pairs
 
 GRADCAM_MODES = ("itm", "itc")
 
@@ -28,6 +31,21 @@ class AlbefGradCamOutput(ModelOutput):
     attention_grad: torch.Tensor | None = None
 
 
+@contextlib.contextmanager
+def eager_attention(model):
+    """Run `model` with eager attention (Grad-CAM reads the attention probabilities, which the other backends do not
+    return), then give it back the backend it had, through transformers' public `set_attn_implementation`."""
+    previous = model.config._attn_implementation
+    if previous == "eager":
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def gradcam(model, pixel_values, input_ids, attention_mask=None, mode: str = "itm", layer: int | None = None):
     """Grad-CAM of each (image i, text i) pair.
 
@@ -40,8 +58,6 @@ def gradcam(model, pixel_values, input_ids, attention_mask=None, mode: str = "it
     `--block_num`) times the positive gradient of the ITC similarity of the pair.
     Runs with eager attention whatever the model's backend, since it needs the attention probabilities.
     """
-    from .models.albef.modeling_albef import _check_pairs, eager_attention
-
     if mode not in GRADCAM_MODES:
         raise ValueError(f"mode must be one of {GRADCAM_MODES}, got {mode!r}")
     _check_pairs(pixel_values, input_ids, "Grad-CAM")
@@ -99,7 +115,7 @@ def _itc_gradcam(model, pixel_values, input_ids, attention_mask, layer):
     vision = model.vision_model(pixel_values, output_attentions=True)
     attention = vision.attentions[layer]
     image_feat = F.normalize(model.vision_proj(vision.last_hidden_state[:, 0]), dim=-1)
-    text_feat = model.get_text_features(input_ids, attention_mask)
+    text_feat = model.get_text_features(input_ids, attention_mask).pooler_output
     similarity = (image_feat * text_feat).sum(-1) / model.temp
     (grad,) = torch.autograd.grad(similarity.sum(), attention)
     # The image [CLS] query's row over the patches.

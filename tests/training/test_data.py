@@ -436,7 +436,7 @@ def test_retrieval_data_feeds_the_retrieval_model(tmp_path, images, processor):
     assert retrieval_eval_index(evaluation) == (evaluation.texts, evaluation.txt2img, evaluation.img2txt)
     images_batch = ImageCollator(tr.albef_eval_transform(SIZE))(list(evaluation))
     assert images_batch["pixel_values"].shape == (2, 3, SIZE, SIZE) and images_batch["image_ids"].tolist() == [0, 1]
-    features = model.get_image_features(pixel_values=images_batch["pixel_values"])
+    features = model.get_image_features(pixel_values=images_batch["pixel_values"]).pooler_output
     assert _finite(features if isinstance(features, torch.Tensor) else features[0])
 
 

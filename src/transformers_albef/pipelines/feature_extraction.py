@@ -54,7 +54,7 @@ class AlbefImageFeatureExtractionPipeline(_AlbefFeatureExtractionPipeline):
         return {"pixel_values": self._encode_images([image], timeout)}
 
     def _forward(self, model_inputs):
-        return {"features": self.model.get_image_features(model_inputs["pixel_values"])}
+        return {"features": self.model.get_image_features(model_inputs["pixel_values"]).pooler_output}
 
 
 class AlbefTextFeatureExtractionPipeline(_AlbefFeatureExtractionPipeline):
@@ -83,4 +83,8 @@ class AlbefTextFeatureExtractionPipeline(_AlbefFeatureExtractionPipeline):
         return self.processor(text=[text], clean_text="caption", return_tensors="pt")
 
     def _forward(self, model_inputs):
-        return {"features": self.model.get_text_features(model_inputs["input_ids"], model_inputs["attention_mask"])}
+        return {
+            "features": self.model.get_text_features(
+                model_inputs["input_ids"], model_inputs["attention_mask"]
+            ).pooler_output
+        }

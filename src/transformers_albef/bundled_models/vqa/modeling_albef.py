@@ -30,8 +30,9 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPooling,
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, logging
-from transformers.utils.generic import merge_with_config_defaults
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, logging
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_albef import AlbefConfig, AlbefTextConfig, AlbefVisionConfig
@@ -297,11 +298,6 @@ class AlbefPreTrainedModel(PreTrainedModel):
     momentum_module_names: tuple[str, ...] = ()
     trains_with_momentum = True
     tied_weights: dict[str, str] = {}
-
-    @classmethod
-    def _can_set_attn_implementation(cls) -> bool:
-        # transformers looks for its registry call in each model file's source; ALBEF's is in `attend` (this file).
-        return True
 
     def _finish_init(self):
         """`post_init`, with the training state (`config.distill`) built first and started from the online weights."""
@@ -1045,24 +1041,6 @@ def _grouped_batches(sorted_images: torch.Tensor, pair_order: torch.Tensor, max_
         yield torch.tensor([p[0] for p in batch]), pairs, valid
 
 
-@contextlib.contextmanager
-def eager_attention(model: nn.Module):
-    """Run `model` with eager attention (attention probabilities are needed, e.g. by Grad-CAM), then restore."""
-    configs = {
-        id(m.config): m.config
-        for m in model.modules()
-        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")
-    }
-    saved = {key: config._attn_implementation_internal for key, config in configs.items()}
-    for config in configs.values():
-        config._attn_implementation_internal = "eager"
-    try:
-        yield
-    finally:
-        for key, config in configs.items():
-            config._attn_implementation_internal = saved[key]
-
-
 def _package_tool(module: str, name: str, what: str):
     """`transformers_albef.<module>.<name>`: tools live in the package, which remote-code models may lack."""
     import importlib
@@ -1167,15 +1145,32 @@ class AlbefModel(AlbefPreTrainedModel):
         )
 
     # ----- towers --------------------------------------------------------------------------------------------------
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """L2-normalised ITC image embeddings, (batch, embed_dim)."""
-        image_states = self.vision_model(pixel_values).last_hidden_state
-        return F.normalize(self.vision_proj(image_states[:, 0]), dim=-1)
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """The vision tower's output with `pooler_output` the L2-normalised ITC image embedding `(batch, embed_dim)`
+        (`output_hidden_states` / `output_attentions` / `return_dict` as for the tower)."""
+        output = self.vision_model(pixel_values, **kwargs)
+        output.pooler_output = F.normalize(self.vision_proj(output.last_hidden_state[:, 0]), dim=-1)
+        return output
 
-    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised ITC text embeddings from the text encoder (layers before the fusion split)."""
-        text_states = self.text_model(input_ids, attention_mask, mode="text").last_hidden_state
-        return F.normalize(self.text_proj(text_states[:, 0]), dim=-1)
+    @can_return_tuple
+    def get_text_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPooling:
+        """The text encoder's output (the layers before the fusion split) with `pooler_output` the L2-normalised ITC
+        text embedding `(batch, embed_dim)`."""
+        output = self.text_model(input_ids, attention_mask, mode="text", **kwargs)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=output.last_hidden_state,
+            pooler_output=F.normalize(self.text_proj(output.last_hidden_state[:, 0]), dim=-1),
+            hidden_states=output.hidden_states,
+            attentions=output.attentions,
+        )
 
     def fuse(
         self, text_states: torch.Tensor, attention_mask: torch.Tensor | None, image_states: torch.Tensor, **kwargs
