@@ -469,3 +469,18 @@ def test_mlm_loss_without_masked_tokens_is_zero_not_nan():
     labels[0, 1] = 3
     expected = torch.nn.functional.cross_entropy(logits[0, 1:2], labels[0, 1:2])
     torch.testing.assert_close(mlm_loss(logits, labels), expected)
+
+
+@pytest.mark.parametrize("cls, num_labels", [(ta.AlbefForVisualReasoning, 2), (ta.AlbefForTextAssignment, 3)])
+def test_shared_cross_attention_projections_are_initialised_when_a_checkpoint_lacks_them(cls, num_labels):
+    """NLVR2's paired fusion layers share their key/value projections: a checkpoint without them (e.g. a new model
+    saved with an empty state dict) must still get real, tied, initialised tensors."""
+    config = tiny_config(text=TWO_IMAGES, num_labels=num_labels)
+    model = cls.from_pretrained(None, config=config, state_dict={})
+    assert not [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    layers = model.text_model.encoder.layer
+    for first, second in model.text_model.encoder.shared_kv_pairs():
+        for name in ("key", "value"):
+            a, b = getattr(layers[first].crossattention.self, name), getattr(layers[second].crossattention.self, name)
+            assert a.weight is b.weight and a.bias is b.bias
+            assert 0 < float(a.weight.std()) < 0.1  # initialised (std 0.02), not left empty

@@ -714,12 +714,8 @@ class AlbefTextEncoder(nn.Module):
         super().__init__()
         self.config = config
         self.layer = nn.ModuleList([AlbefTextLayer(config, i) for i in range(config.num_hidden_layers)])
-        # NLVR2: the image-0 layer of each fusion pair uses the image-1 layer's key/value projections.
-        for first, second in self.shared_kv_pairs():
-            for name in ("key", "value"):
-                setattr(
-                    self.layer[first].crossattention.self, name, getattr(self.layer[second].crossattention.self, name)
-                )
+        # NLVR2: the two layers of each fusion pair share their cross-attention key/value projections; they are
+        # tied through `AlbefTextModel._tied_weights_keys` (the same tensors), so loading fills or initialises them.
 
     def shared_kv_pairs(self) -> list[tuple[int, int]]:
         if not self.config.share_cross_attention_kv:
@@ -764,6 +760,8 @@ class AlbefTextModel(AlbefPreTrainedModel):
         super().__init__(config)
         self.embeddings = AlbefTextEmbeddings(config)
         self.encoder = AlbefTextEncoder(config)
+        # The second layer of each pair holds the shared projections (as the original checkpoints store them); the
+        # first one's are tied to them.
         self._tied_weights_keys = {
             f"encoder.layer.{a}.crossattention.self.{name}.{p}": f"encoder.layer.{b}.crossattention.self.{name}.{p}"
             for a, b in self.encoder.shared_kv_pairs()
