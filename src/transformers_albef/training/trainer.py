@@ -45,8 +45,6 @@ class AlbefTrainer(Trainer):
       `predict()` stays Trainer's per-batch forward.
     """
 
-    # Large per-token outputs Trainer's prediction loop would otherwise gather with the logits.
-    ignore_keys_at_inference = ("fused_last_hidden_state", "image_embeds", "question_states")
 
     def __init__(
         self, *args, eval_data_collator=None, evaluator=None, forward_kwargs=None, lr_schedule=None, **kwargs
@@ -124,12 +122,6 @@ class AlbefTrainer(Trainer):
         with self._evaluation_loading():
             return super().get_test_dataloader(test_dataset)
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        if ignore_keys is None:
-            ignore_keys = list(self.ignore_keys_at_inference)
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-
-    # ----- evaluation protocols --------------------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         if self.evaluator is None:
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)

@@ -139,6 +139,16 @@ class AlbefConfig(PreTrainedConfig):
         `answer_list.json`); the VQA pipeline and `albef vqa` rank them when no other list is given.
     """
 
+    # What Trainer's prediction loop leaves out of the gathered predictions: per-token states and tower outputs.
+    keys_to_ignore_at_inference = [
+        "fused_last_hidden_state",
+        "image_embeds",
+        "text_embeds",
+        "question_states",
+        "cache",
+        "vision_model_output",
+        "text_model_output",
+    ]
     model_type = "albef"
     sub_configs_defaults = {"text_config": AlbefTextConfig, "vision_config": AlbefVisionConfig}
 

@@ -7,7 +7,6 @@ retrieval, pre-training, classifiers, text assignment, VQA). This folder imports
 so a Hub repo carries it as remote code.
 """
 
-import contextlib
 import copy
 import warnings
 from collections.abc import Sequence
@@ -994,12 +993,21 @@ class AlbefOutput(ModelOutput):
 
 @dataclass
 class AlbefClassifierOutput(ModelOutput):
-    r"""logits (`(batch, num_labels)`); loss when labels are given."""
+    r"""
+    logits (`(batch, num_labels)`); loss when labels are given.
+    fused_last_hidden_state (`(batch, length, hidden)`): the multimodal text model's output.
+    vision_model_output / text_model_output: the towers' outputs (`hidden_states` / `attentions` /
+        `cross_attentions` with `output_hidden_states` / `output_attentions`).
+    """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     fused_last_hidden_state: torch.Tensor | None = None
-    image_embeds: torch.Tensor | None = None
+    vision_model_output: BaseModelOutput | None = None
+    text_model_output: BaseModelOutput | None = None
+
+    def to_tuple(self):
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
 
 
 def _check_pairs(pixel_values: torch.Tensor, input_ids: torch.Tensor, what: str):
@@ -1182,6 +1190,7 @@ class AlbefModel(AlbefPreTrainedModel):
             **kwargs,
         ).last_hidden_state
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -1333,6 +1342,7 @@ class AlbefForRetrieval(AlbefModel):
             logits[pairs.to(device)[keep]] = self.itm_head(fused[:, 0])[keep].to(logits.dtype)
         return logits
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -1519,6 +1529,7 @@ class AlbefForPreTraining(AlbefForRetrieval):
             states = states[positions]  # the vocabulary projection dominates the cost; skip unscored positions
         return towers.mlm_head(states)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -1596,14 +1607,17 @@ class _AlbefClassifier(AlbefPreTrainedModel):
         self.classifier = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, config.num_labels))
         self._finish_init()
 
-    def _image_states(self, pixel_values: torch.Tensor, towers: nn.Module) -> torch.Tensor | list[torch.Tensor]:
-        return towers.vision_model(pixel_values).last_hidden_state
+    def _vision(self, pixel_values: torch.Tensor, towers: nn.Module, **kwargs):
+        """(what the text model cross-attends to, the vision tower's output)."""
+        output = towers.vision_model(pixel_values, **kwargs)
+        return output.last_hidden_state, output
 
-    def _logits(self, pixel_values, input_ids, attention_mask, towers: nn.Module):
-        images = self._image_states(pixel_values, towers)
-        states = towers.text_model(input_ids, attention_mask, encoder_hidden_states=images).last_hidden_state
-        return towers.classifier(states[:, 0]), states
+    def _forward_towers(self, pixel_values, input_ids, attention_mask, towers: nn.Module, **kwargs):
+        images, vision_output = self._vision(pixel_values, towers, **kwargs)
+        text_output = towers.text_model(input_ids, attention_mask, encoder_hidden_states=images, **kwargs)
+        return towers.classifier(text_output.last_hidden_state[:, 0]), vision_output, text_output
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1611,24 +1625,49 @@ class _AlbefClassifier(AlbefPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         alpha: float | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AlbefClassifierOutput:
         r"""
-        labels (`(batch,)`): when given, the loss is computed; with momentum towers (`config.distill`) it is the
-            original distilled loss `(1 - alpha) * CE + alpha * KD` and the momentum towers are updated.
+        labels: when given, the loss is computed as `config.problem_type` says (inferred as transformers does when
+            unset: `"regression"` for one label, `"single_label_classification"` for integer labels `(batch,)`,
+            else `"multi_label_classification"`). Single-label classification is the original's: with momentum
+            towers (`config.distill`) the distilled loss `(1 - alpha) * CE + alpha * KD`, the momentum towers updated.
         """
         _check_pairs(pixel_values, input_ids, type(self).__name__)
-        logits, states = self._logits(pixel_values, input_ids, attention_mask, self)
+        logits, vision_output, text_output = self._forward_towers(
+            pixel_values, input_ids, attention_mask, self, **kwargs
+        )
         loss = None
         if labels is not None:
-            teacher = None
-            if self.momentum is not None and self.training:
-                with torch.no_grad():
-                    self.momentum.update(self)
-                    teacher, _ = self._logits(pixel_values, input_ids, attention_mask, self.momentum)
-            alpha = self.config.alpha if alpha is None else alpha
-            loss = distilled_classification_loss(logits, labels.view(-1), teacher, alpha)
-        return AlbefClassifierOutput(loss=loss, logits=logits, fused_last_hidden_state=states)
+            loss = self._loss(logits, labels, pixel_values, input_ids, attention_mask, alpha)
+        return AlbefClassifierOutput(
+            loss=loss,
+            logits=logits,
+            fused_last_hidden_state=text_output.last_hidden_state,
+            vision_model_output=vision_output,
+            text_model_output=text_output,
+        )
+
+    def _loss(self, logits, labels, pixel_values, input_ids, attention_mask, alpha):
+        labels = labels.to(logits.device)
+        if self.config.problem_type is None:
+            if self.config.num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int) and labels.ndim == 1:
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        if self.config.problem_type == "regression":
+            return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+        if self.config.problem_type == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        teacher = None
+        if self.momentum is not None and self.training:
+            with torch.no_grad():
+                self.momentum.update(self)
+                teacher = self._forward_towers(pixel_values, input_ids, attention_mask, self.momentum)[0]
+        alpha = self.config.alpha if alpha is None else alpha
+        return distilled_classification_loss(logits, labels.view(-1), teacher, alpha)
 
 
 class AlbefForVisualEntailment(_AlbefClassifier):
@@ -1640,16 +1679,17 @@ class AlbefForVisualReasoning(_AlbefClassifier):
 
     The text model has `num_fused_images=2`: its fusion layers alternate between image 0 and image 1."""
 
-    def _image_states(self, pixel_values, towers):
+    def _vision(self, pixel_values, towers, **kwargs):
         if pixel_values.ndim != 5 or pixel_values.shape[1] != 2:
             raise ValueError(
                 f"NLVR2 takes exactly two images per sentence: pixel_values of shape (batch, 2, 3, H, W), got "
                 f"{tuple(pixel_values.shape)}"
             )
         batch = pixel_values.shape[0]
-        # One tower pass over both images, as the original concatenates them.
-        states = towers.vision_model(torch.cat([pixel_values[:, 0], pixel_values[:, 1]])).last_hidden_state
-        return [states[:batch], states[batch:]]
+        # One tower pass over both images, as the original concatenates them (image 0 of every pair, then image 1).
+        output = towers.vision_model(torch.cat([pixel_values[:, 0], pixel_values[:, 1]]), **kwargs)
+        states = output.last_hidden_state
+        return [states[:batch], states[batch:]], output
 
 
 class AlbefForTextAssignment(AlbefPreTrainedModel):
@@ -1701,6 +1741,7 @@ class AlbefForTextAssignment(AlbefPreTrainedModel):
         as_tensor = lambda x: torch.tensor(x, dtype=torch.long, device=weights.device)  # noqa: E731
         return as_tensor(left), as_tensor(right), as_tensor(labels)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -1710,23 +1751,33 @@ class AlbefForTextAssignment(AlbefPreTrainedModel):
         image1_index: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         hard_negatives: str = "sample",
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AlbefClassifierOutput:
         r"""
         pixel_values (`(batch, 3, H, W)`): image b belongs to sentence b.
         image0_index / image1_index / labels: an explicit assignment; sampled as the original when omitted.
         """
         _check_pairs(pixel_values, input_ids, "Text assignment")
-        image_states = self.vision_model(pixel_values).last_hidden_state
+        vision_output = self.vision_model(pixel_values, **kwargs)
+        image_states = vision_output.last_hidden_state
         if image0_index is None:
             weights = self.assignment_weights(image_states)
             image0_index, image1_index, labels = self.sample_assignment(weights, hard_negatives=hard_negatives)
-        states = self.text_model(
-            input_ids, attention_mask, encoder_hidden_states=[image_states[image0_index], image_states[image1_index]]
-        ).last_hidden_state
-        logits = self.ta_head(states[:, 0])
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return AlbefClassifierOutput(loss=loss, logits=logits, fused_last_hidden_state=states)
+        text_output = self.text_model(
+            input_ids,
+            attention_mask,
+            encoder_hidden_states=[image_states[image0_index], image_states[image1_index]],
+            **kwargs,
+        )
+        logits = self.ta_head(text_output.last_hidden_state[:, 0])
+        loss = F.cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
+        return AlbefClassifierOutput(
+            loss=loss,
+            logits=logits,
+            fused_last_hidden_state=text_output.last_hidden_state,
+            vision_model_output=vision_output,
+            text_model_output=text_output,
+        )
 
 
 # === visual question answering =======================================================================================
@@ -1738,12 +1789,19 @@ class AlbefQuestionAnsweringOutput(ModelOutput):
         (`question_states` given, as `generate` calls it).
     question_states (`(batch, length, hidden)`): output of the multimodal question encoder.
     cache (`EncoderDecoderCache`): the decoder's keys/values, when decoding with `use_cache`.
+    vision_model_output / text_model_output: the towers' outputs when encoding (`hidden_states` / `attentions` with
+        `output_hidden_states` / `output_attentions`).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     question_states: torch.Tensor | None = None
     cache: Cache | None = None
+    vision_model_output: BaseModelOutput | None = None
+    text_model_output: BaseModelOutput | None = None
+
+    def to_tuple(self):
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
 
 
 @dataclass
@@ -1808,10 +1866,17 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel, GenerationMixin):
 
     def encode_questions(self, pixel_values, input_ids, attention_mask=None, towers: nn.Module | None = None):
         """Question states: the full multimodal text model over the question, cross-attending to the image."""
+        return self._encode(pixel_values, input_ids, attention_mask, towers)[1].last_hidden_state
+
+    def _encode(self, pixel_values, input_ids, attention_mask=None, towers: nn.Module | None = None, **kwargs):
+        """(vision tower output, question encoder output)."""
         towers = towers or self
         _check_pairs(pixel_values, input_ids, "VQA")
-        image_states = towers.vision_model(pixel_values).last_hidden_state
-        return towers.text_model(input_ids, attention_mask, encoder_hidden_states=image_states).last_hidden_state
+        vision_output = towers.vision_model(pixel_values, **kwargs)
+        text_output = towers.text_model(
+            input_ids, attention_mask, encoder_hidden_states=vision_output.last_hidden_state, **kwargs
+        )
+        return vision_output, text_output
 
     def answer_logits(self, answer_ids, answer_mask, question_states, question_mask, towers: nn.Module | None = None):
         """Decoder logits (batch, length, vocab) at every answer position (position t predicts token t + 1)."""
@@ -1821,6 +1886,7 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel, GenerationMixin):
         ).last_hidden_state
         return towers.lm_head(states)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -1872,9 +1938,11 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel, GenerationMixin):
             raise ValueError("AlbefForQuestionAnswering needs pixel_values and the question's input_ids")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        question_states = self.encode_questions(pixel_values, input_ids, attention_mask)
+        vision_output, text_output = self._encode(pixel_values, input_ids, attention_mask, **kwargs)
+        question_states = text_output.last_hidden_state
+        towers = {"vision_model_output": vision_output, "text_model_output": text_output}
         if answer_input_ids is None:
-            return AlbefQuestionAnsweringOutput(question_states=question_states)
+            return AlbefQuestionAnsweringOutput(question_states=question_states, **towers)
 
         batch = input_ids.shape[0]
         repeats = torch.as_tensor(
@@ -1905,7 +1973,7 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel, GenerationMixin):
         alpha = self.config.alpha if alpha is None else alpha
         per_answer = sequence_lm_loss(logits[:, :-1], targets[:, 1:], teacher, alpha)
         loss = (weights * per_answer).sum() / batch
-        return AlbefQuestionAnsweringOutput(loss=loss, question_states=question_states)
+        return AlbefQuestionAnsweringOutput(loss=loss, logits=logits, question_states=question_states, **towers)
 
     @torch.no_grad()
     def rank_answers(
