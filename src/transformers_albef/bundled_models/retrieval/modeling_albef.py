@@ -324,6 +324,40 @@ class AlbefPreTrainedModel(PreTrainedModel):
         self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
         return self
 
+    # ----- embeddings ------------------------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        """The word embeddings of the text tower (the question encoder for VQA)."""
+        return self.text_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.text_model.set_input_embeddings(value)
+
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers' resizing of the text tower's word embeddings and the LM head, plus what ALBEF adds: the VQA
+        answer decoder's own word embeddings (the source its LM head is tied to), the LM heads' bias, and the
+        momentum towers (rebuilt from the resized weights; the feature queues are kept)."""
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        size = embeddings.weight.shape[0]
+        if "text_decoder" in self._modules:
+            decoder = self.text_decoder
+            resized = self._get_resized_embeddings(decoder.get_input_embeddings(), size, mean_resizing=mean_resizing)
+            decoder.set_input_embeddings(resized)
+            decoder.config.vocab_size = size
+        for head_name in ("lm_head", "mlm_head"):
+            head = getattr(self, head_name, None)
+            if head is not None and head.bias.shape[0] != size:
+                bias = head.bias.new_zeros(size)
+                kept = min(size, head.bias.shape[0])
+                bias[:kept] = head.bias.detach()[:kept]
+                head.bias = nn.Parameter(bias, requires_grad=head.bias.requires_grad)
+        if getattr(self, "momentum", None) is not None:
+            old = self.momentum
+            self.momentum = self._new_momentum().to(device=embeddings.weight.device, dtype=embeddings.weight.dtype)
+            self.momentum.copy_from(self)
+            for name, buffer in old.named_buffers():
+                self.momentum.get_buffer(name).copy_(buffer)
+        return embeddings
+
     def _require_momentum(self):
         if getattr(self, "momentum", None) is None:
             raise ValueError(
@@ -1513,6 +1547,9 @@ class AlbefForPreTraining(AlbefForRetrieval):
     def get_output_embeddings(self):
         return self.mlm_head.decoder
 
+    def set_output_embeddings(self, new_embeddings: nn.Module):
+        self.mlm_head.decoder = new_embeddings
+
     def mlm_logits(
         self,
         input_ids,
@@ -1863,6 +1900,9 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Module):
+        self.lm_head.decoder = new_embeddings
 
     def encode_questions(self, pixel_values, input_ids, attention_mask=None, towers: nn.Module | None = None):
         """Question states: the full multimodal text model over the question, cross-attending to the image."""
