@@ -61,11 +61,11 @@ def workloads(size: str, device: torch.device, dtype: torch.dtype, attn: str):
 
     @torch.no_grad()
     def image():
-        return model.get_image_features(pixel_values)
+        return model.get_image_features(pixel_values).pooler_output
 
     @torch.no_grad()
     def text():
-        return model.get_text_features(ids, mask)
+        return model.get_text_features(ids, mask).pooler_output
 
     @torch.no_grad()
     def itm():

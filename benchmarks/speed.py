@@ -320,7 +320,7 @@ class Bench:
                 def fn(model=model, pv=pv, attn=attn):
                     set_attention(model, attn)
                     with torch.no_grad():
-                        return model.get_image_features(pv)
+                        return model.get_image_features(pv).pooler_output
 
                 name = f"ViT @{size}"
                 variants.append(Variant("image embedding", name, dtype, attn, batch, batch, "images/s", fn,
@@ -339,7 +339,7 @@ class Bench:
                 def fn(model=model, attn=attn, ids=ids, mask=mask):
                     set_attention(model, attn)
                     with torch.no_grad():
-                        return model.get_text_features(ids, mask)
+                        return model.get_text_features(ids, mask).pooler_output
 
                 variants.append(Variant("text embedding", "6 layers, 30 tokens", dtype, attn, batch, batch, "texts/s",
                                         fn, baseline=(dtype, attn) == ("fp32", "eager")))  # fmt: skip
@@ -445,7 +445,7 @@ class Bench:
         """The re-scoring of k candidates alone (from question states and the first-token top-k)."""
         import transformers_albef as ta
         from transformers_albef.fast_vqa import answer_log_likelihoods
-        from transformers_albef.objectives import sequence_lm_loss
+        from transformers_albef.models.albef.modeling_albef import sequence_lm_loss
 
         k = min(self.plan["rank_k"], self.plan["answers"])
         for batch in self.plan["rescore"]:
