@@ -39,15 +39,20 @@ def test_tiny_run_writes_its_table(tmp_path):
     for workload in ("image embedding", "text embedding", "ITM re-rank", "VQA (image", "VQA re-score",
                      "pre-training step", "AdamW step", "momentum EMA", "COCO-5K re-rank projection"):  # fmt: skip
         assert workload in text, workload
+    # Each re-ranking workload: the original computation against the model's one path.
+    for variant in ("| per-pair (original), ", "| grouped (default), ", "| uncached per-candidate, k=",
+                    "| rank_answers (default), k=", "| cached decoder (rank_answers, default), k="):  # fmt: skip
+        assert variant in text, variant
+    assert "fast_itm" not in text and "fast=True" not in text
     table = text.split("Agreement checks:")[1].strip().splitlines()
     checks = [line for line in table[2:] if line.startswith("| ")]
     assert len(checks) >= 10
     for line in checks:
         compared, verdict = line.split(" | ")[1], line.rstrip(" |").split(" | ")[-1]
         if "fp32" in compared.split(" vs ")[0]:
-            assert verdict == "ok", line  # fp32 fast paths and backends agree with fp32 eager
-        elif compared.split(" vs ")[1].startswith("eager bf16"):
-            # The fast path against the eager path in bf16: only near-ties may be ordered differently.
+            assert verdict == "ok", line  # fp32 model paths and backends agree with the fp32 originals
+        elif compared.split(" vs ")[1].startswith(("per-pair bf16", "uncached bf16")):
+            # The model's path against the original computation in bf16: only near-ties may be ordered differently.
             assert verdict == "ok" or "all" in verdict and "near-ties" in verdict, line
         # bf16 against fp32 is what bf16 costs a small model: reported, and signalled by the exit code.
     assert ("FAIL" in text) == (result.returncode == 1)
@@ -121,5 +126,5 @@ def test_gpu_overhead_diagnostic_runs_on_cuda():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "ms |" not in line]
-    for workload in ("image embedding", "text embedding", "ITM re-rank", "VQA fast=True"):
+    for workload in ("image embedding", "text embedding", "ITM re-rank grouped", "VQA rank_answers"):
         assert any(row.startswith(f"| {workload}") for row in rows), result.stdout

@@ -230,8 +230,10 @@ def test_save_and_reload_keeps_no_sep_convention(processor, tmp_path):
     AlbefProcessor(AlbefImageProcessor(size=256), processor.tokenizer).save_pretrained(tmp_path)
     reloaded = AlbefProcessor.from_pretrained(tmp_path)
 
-    # A reloaded BERT tokenizer appends [SEP] again; the processor must not.
-    assert reloaded.tokenizer("a dog")["input_ids"] == [CLS, 1037, 3899, SEP]
+    # The reloaded tokenizer is ALBEF's: called directly (as transformers' pipelines do), it adds no [SEP] either.
+    assert type(reloaded.tokenizer).__name__ == "AlbefTokenizer"
+    assert reloaded.tokenizer("a dog")["input_ids"] == [CLS, 1037, 3899]
+    assert reloaded.tokenizer("a dog", "a cat")["input_ids"] == [CLS, 1037, 3899, SEP, 1037, 4937, SEP]
     _assert_albef_text_convention(reloaded)
     assert isinstance(reloaded.image_processor, AlbefImageProcessor)
     assert (reloaded.image_processor.size.height, reloaded.image_processor.size.width) == (256, 256)

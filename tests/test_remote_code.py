@@ -50,6 +50,7 @@ for case in json.loads(sys.argv[1]):
         "auto_class": auto_class,
         "class": f"{type(model).__module__}.{type(model).__name__}",
         "processor": type(processor).__name__,
+        "tokenizer": type(transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=True)).__name__,
         "caption": processor(text="A Man, riding!")["input_ids"][0],
     }
 json.dump(report, open(sys.argv[2], "w"))
@@ -95,6 +96,7 @@ def test_every_head_loads_as_remote_code_without_the_package(tmp_path):
             "modeling_albef.py",
             "processing_albef.py",
             "image_processing_albef.py",
+            "tokenization_albef.py",
         }
         children.append({"folder": str(folder), "head": cls.__name__})
 
@@ -118,6 +120,7 @@ def test_every_head_loads_as_remote_code_without_the_package(tmp_path):
         output = load_file(tmp_path / name / "child_output.safetensors")["output"]
         torch.testing.assert_close(output, want[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
     assert set(report) == {cls.__name__ for cls, _, _ in cases()}
+    assert {got["tokenizer"] for got in report.values()} == {"AlbefTokenizer"}
 
 
 def test_bundled_models_carry_the_current_model_folder():
@@ -128,11 +131,8 @@ def test_bundled_models_carry_the_current_model_folder():
     model_folder = Path(ta.__file__).parent / "models" / "albef"
     for task in ("retrieval", "vqa"):
         folder = ta.bundled_model_path(task)
-        for name in (
-            "configuration_albef.py",
-            "modeling_albef.py",
-            "processing_albef.py",
-            "image_processing_albef.py",
-        ):
+        names = {path.name for path in model_folder.glob("*_albef.py")}
+        assert names == {path.name for path in folder.glob("*.py")}
+        for name in names:
             assert (folder / name).read_bytes() == (model_folder / name).read_bytes(), f"{task}/{name} is stale"
         assert "auto_map" in json.loads((folder / "config.json").read_text())

@@ -13,7 +13,6 @@ from transformers import (
     AutoModelForZeroShotImageClassification,
     AutoProcessor,
     AutoTokenizer,
-    BertTokenizer,
 )
 
 from . import hub
@@ -38,6 +37,7 @@ from .models.albef import (
     AlbefQuestionAnsweringOutput,
     AlbefTextConfig,
     AlbefTextModel,
+    AlbefTokenizer,
     AlbefVisionConfig,
     AlbefVisionModel,
     pre_caption,
@@ -68,7 +68,7 @@ def _register():
         exist_ok=True,
     )
     AutoProcessor.register(AlbefConfig, AlbefProcessor, exist_ok=True)
-    AutoTokenizer.register(AlbefConfig, slow_tokenizer_class=BertTokenizer, exist_ok=True)
+    AutoTokenizer.register(AlbefConfig, fast_tokenizer_class=AlbefTokenizer, exist_ok=True)
 
 
 _register()
@@ -96,6 +96,7 @@ __all__ = [
     "AlbefQuestionAnsweringOutput",
     "AlbefTextConfig",
     "AlbefTextModel",
+    "AlbefTokenizer",
     "AlbefVisionConfig",
     "AlbefVisionModel",
     "RetrievalEngine",

@@ -1231,28 +1231,34 @@ class AlbefModel(AlbefPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         output_fused_states: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AlbefOutput:
         r"""
+        The ITC similarities of every image with every text (`logits_per_image`, computed in float32 whatever the
+        model's dtype: bf16 would round near-equal similarities together), and the embeddings. With one modality
+        only (as transformers' feature-extraction pipelines call it), that modality's embeddings and tower output.
+
         output_fused_states (`bool`): also run the fusion encoder on aligned pairs (image i, text i).
         """
-        if pixel_values is None or input_ids is None:
-            raise ValueError(
-                "AlbefModel needs both pixel_values and input_ids; use get_image_features / "
-                "get_text_features for one modality"
-            )
-        vision_out = self.vision_model(pixel_values, **kwargs)
-        text_out = self.text_model(input_ids, attention_mask, mode="text", **kwargs)
-        image_embeds = F.normalize(self.vision_proj(vision_out.last_hidden_state[:, 0]), dim=-1)
-        text_embeds = F.normalize(self.text_proj(text_out.last_hidden_state[:, 0]), dim=-1)
-        logits_per_image = image_embeds @ text_embeds.t() / self.temp
-        fused = None
+        if pixel_values is None and input_ids is None:
+            raise ValueError("AlbefModel needs pixel_values, input_ids or both")
+        vision_out = text_out = image_embeds = text_embeds = logits_per_image = fused = None
+        if pixel_values is not None:
+            vision_out = self.vision_model(pixel_values, **kwargs)
+            image_embeds = F.normalize(self.vision_proj(vision_out.last_hidden_state[:, 0]), dim=-1)
+        if input_ids is not None:
+            text_out = self.text_model(input_ids, attention_mask, mode="text", **kwargs)
+            text_embeds = F.normalize(self.text_proj(text_out.last_hidden_state[:, 0]), dim=-1)
+        if vision_out is not None and text_out is not None:
+            logits_per_image = image_embeds.float() @ text_embeds.float().t() / self.temp.float()
         if output_fused_states:
+            if vision_out is None or text_out is None:
+                raise ValueError("output_fused_states fuses image i with text i: pass pixel_values and input_ids")
             _check_pairs(pixel_values, input_ids, "output_fused_states")
             fused = self.fuse(text_out.last_hidden_state, attention_mask, vision_out.last_hidden_state)
         return AlbefOutput(
             logits_per_image=logits_per_image,
-            logits_per_text=logits_per_image.t(),
+            logits_per_text=logits_per_image.t() if logits_per_image is not None else None,
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             fused_last_hidden_state=fused,

@@ -64,8 +64,8 @@ class AlbefProcessorKwargs(ProcessingKwargs, total=False):
 
 class AlbefProcessor(ProcessorMixin):
     r"""
-    Wraps an [`AlbefImageProcessor`] and a BERT WordPiece tokenizer (`bert-base-uncased` vocabulary) into one
-    processor, and owns ALBEF's text convention:
+    Wraps an [`AlbefImageProcessor`] and an [`AlbefTokenizer`] (the `bert-base-uncased` WordPiece vocabulary) into
+    one processor, and owns ALBEF's text convention:
 
     - captions, questions and hypotheses are `[CLS] w1 ... wn` with **no** `[SEP]`; truncation keeps
       `max_length - 1` word pieces after the `[CLS]`;
@@ -73,8 +73,8 @@ class AlbefProcessor(ProcessorMixin):
     - `attention_mask` is 1 on tokens and 0 on padding; `token_type_ids` are only returned on request
       (`return_token_type_ids=True`) and are all zeros.
 
-    The convention is applied here, not by the tokenizer's post-processor, so it survives `save_pretrained`
-    and reloading: a reloaded `BertTokenizer` adds `[SEP]` again when called directly.
+    The convention is applied here whatever the tokenizer (an older folder's plain `BertTokenizer` too);
+    [`AlbefTokenizer`] also applies it when called directly, which is what transformers' own pipelines do.
 
     Text defaults follow the original retrieval evaluation: `padding="longest"`, `truncation=True`,
     `max_length=30`. The original scripts call the tokenizer differently per task; to reproduce one exactly:
@@ -92,7 +92,7 @@ class AlbefProcessor(ProcessorMixin):
     Args:
         image_processor ([`AlbefImageProcessor`]):
             The image processor.
-        tokenizer ([`BertTokenizer`]):
+        tokenizer ([`AlbefTokenizer`] or [`BertTokenizer`]):
             A BERT WordPiece tokenizer with `[CLS]`, `[SEP]` and `[PAD]` tokens.
     """
 
@@ -103,16 +103,25 @@ class AlbefProcessor(ProcessorMixin):
         missing = [name for name in ("cls_token", "sep_token", "pad_token") if getattr(tokenizer, name) is None]
         if missing:
             raise ValueError(f"AlbefProcessor needs a tokenizer with {', '.join(missing)} set.")
+        from transformers import BertTokenizer
+
+        from .tokenization_albef import AlbefTokenizer
+
+        if type(tokenizer) is BertTokenizer:  # a folder saved before AlbefTokenizer: same vocabulary, ALBEF's template
+            tokenizer = AlbefTokenizer(
+                vocab=tokenizer.get_vocab(),
+                do_lower_case=tokenizer.init_kwargs.get("do_lower_case", True),
+                model_max_length=tokenizer.model_max_length,
+            )
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod
     def from_bert_vocab(cls, image_size: int = 384, vocab_file: str | Path | None = None) -> "AlbefProcessor":
         """ALBEF's processor from a WordPiece vocabulary (default: the bundled bert-base-uncased one), no download."""
-        from transformers import BertTokenizer
-
         from .image_processing_albef import AlbefImageProcessor
+        from .tokenization_albef import AlbefTokenizer
 
-        tokenizer = BertTokenizer(vocab=str(vocab_file or BERT_VOCAB), model_max_length=512)
+        tokenizer = AlbefTokenizer(vocab=str(vocab_file or BERT_VOCAB), model_max_length=512)
         return cls(AlbefImageProcessor(size=image_size), tokenizer)
 
     def __call__(

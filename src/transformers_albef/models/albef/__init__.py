@@ -19,6 +19,7 @@ from .modeling_albef import (
     AlbefVisionModel,
 )
 from .processing_albef import AlbefProcessor, pre_caption, pre_question
+from .tokenization_albef import AlbefTokenizer
 
 __all__ = [
     "ALBEF_PRESETS",
@@ -39,6 +40,7 @@ __all__ = [
     "AlbefQuestionAnsweringOutput",
     "AlbefTextConfig",
     "AlbefTextModel",
+    "AlbefTokenizer",
     "AlbefVisionConfig",
     "AlbefVisionModel",
     "pre_caption",
