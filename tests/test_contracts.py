@@ -182,3 +182,28 @@ def test_feature_getters_return_model_outputs():
     torch.testing.assert_close(text.pooler_output, out.text_embeds)
     assert len(image.hidden_states) == VISION_LAYERS + 1
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[1], image.pooler_output)
+
+
+@pytest.mark.parametrize(
+    "tester",
+    [HeadTester(ta.AlbefForPreTraining), HeadTester(ta.AlbefForQuestionAnswering, distill=True)]
+    + [t for t in TESTERS if t.cls not in (ta.AlbefForPreTraining, ta.AlbefForQuestionAnswering)],
+    ids=repr,
+)
+def test_device_map_auto_with_cpu_and_disk_offload_gives_identical_outputs(tester, tmp_path):
+    """Heads whose momentum towers hold a tied LM head included (the towers are kept whole)."""
+    model, inputs = tester.model(), tester.inputs()
+    model.save_pretrained(tmp_path / "model")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    offloaded = tester.cls.from_pretrained(
+        tmp_path / "model",
+        device_map="auto",
+        max_memory={"cpu": size * 2 // 3},
+        offload_folder=tmp_path / "offload",
+    ).eval()
+    assert {"cpu", "disk"} <= set(offloaded.hf_device_map.values())
+    with torch.no_grad():
+        want, got = flatten(model(**inputs).to_tuple()), flatten(offloaded(**inputs).to_tuple())
+    assert len(want) == len(got)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

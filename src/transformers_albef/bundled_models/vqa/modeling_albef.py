@@ -280,7 +280,15 @@ class AlbefPreTrainedModel(PreTrainedModel):
     base_model_prefix = "albef"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["AlbefVisionLayer", "AlbefTextLayer", "AlbefTextEmbeddings", "AlbefVisionEmbeddings"]
+    # The momentum towers stay whole: their tied LM head would otherwise be split from its source (and they are
+    # training state, not what offloading is for).
+    _no_split_modules = [
+        "AlbefVisionLayer",
+        "AlbefTextLayer",
+        "AlbefTextEmbeddings",
+        "AlbefVisionEmbeddings",
+        "AlbefMomentum",
+    ]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
