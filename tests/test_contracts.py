@@ -207,3 +207,20 @@ def test_device_map_auto_with_cpu_and_disk_offload_gives_identical_outputs(teste
     assert len(want) == len(got)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode, layers", [("text", 2), ("multimodal", 4)])
+def test_negative_hidden_state_indices_count_from_the_last_layer_the_mode_runs(mode, layers):
+    model = HeadTester(ta.AlbefModel).model()
+    pixel_values, ids, mask = tiny_batch()
+    kwargs = {"mode": mode}
+    if mode == "multimodal":
+        kwargs["encoder_hidden_states"] = model.vision_model(pixel_values).last_hidden_state
+    with torch.no_grad():
+        every = model.text_model(ids, mask, output_hidden_states=True, **kwargs).hidden_states
+        last = model.text_model(ids, mask, output_hidden_states=-1, **kwargs).hidden_states
+        first_and_last = model.text_model(ids, mask, output_hidden_states=[0, -1], **kwargs).hidden_states
+    assert len(every) == layers + 1
+    torch.testing.assert_close(last[-1], every[-1], rtol=0, atol=0)
+    assert all(h is None for h in last[:-1])
+    torch.testing.assert_close(first_and_last[0], every[0], rtol=0, atol=0)

@@ -545,7 +545,7 @@ class AlbefVisionModel(AlbefPreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BaseModelOutputWithPooling:
         r"""Returns `last_hidden_state` (B, 1 + N, D) after the final LayerNorm; `pooler_output` is its [CLS] token."""
         self.check_pixel_values(pixel_values)
         hidden_states = self.embeddings(pixel_values)
@@ -768,6 +768,27 @@ def _as_list(states):
     return list(states) if isinstance(states, (list, tuple)) else [states]
 
 
+def _hidden_state_indices_of_the_mode(forward):
+    """`output_hidden_states` may select hidden states by index; negative indices count from the last layer that the
+    call's `mode` runs (transformers would count from `num_hidden_layers`, a layer `mode="text"` never reaches)."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(forward)
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        selected = kwargs.get("output_hidden_states")
+        if not isinstance(selected, bool) and isinstance(selected, (int, list, tuple)):
+            bound = signature.bind_partial(self, *args, **kwargs)
+            count = len(self.layer_range(bound.arguments.get("mode", "multimodal"))) + 1
+            indices = [selected] if isinstance(selected, int) else list(selected)
+            kwargs["output_hidden_states"] = [i + count if i < 0 else i for i in indices]
+        return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
 class AlbefTextModel(AlbefPreTrainedModel):
     r"""
     The text/fusion BERT. `mode` selects the layers, as in the original:
@@ -825,6 +846,7 @@ class AlbefTextModel(AlbefPreTrainedModel):
         return range(start, stop)
 
     @merge_with_config_defaults
+    @_hidden_state_indices_of_the_mode
     @capture_outputs
     def forward(
         self,
@@ -840,7 +862,7 @@ class AlbefTextModel(AlbefPreTrainedModel):
         cls_only: bool = False,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         r"""
         text_embeds (`torch.Tensor` of shape `(batch, length, hidden)`, *optional*):
@@ -1402,7 +1424,7 @@ class AlbefForRetrieval(AlbefModel):
         image_ids: torch.Tensor | None = None,
         alpha: float | None = None,
         hard_negatives: str = "sample",
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AlbefOutput:
         r"""
         use_itm_head (`bool`): also return `itm_logits` (batch, 2) for aligned pairs (image i, text i).
@@ -1591,7 +1613,7 @@ class AlbefForPreTraining(AlbefForRetrieval):
         mlm_labels: torch.Tensor | None = None,
         alpha: float | None = None,
         hard_negatives: str = "sample",
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AlbefOutput:
         r"""
         return_loss (`bool`): the training forward (all three losses; updates the momentum towers and queues).
@@ -1955,7 +1977,7 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel, GenerationMixin):
         question_attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> AlbefQuestionAnsweringOutput:
         r"""
         Two uses. Training/encoding: `pixel_values` + question `input_ids` (+ answers for the loss). Decoding (what
