@@ -89,6 +89,8 @@ def test_text_call_patterns_match_original(processor, call_name):
         "max_length": call.get("max_length"),
     }
 
+    # The original scripts encode the empty captions of their datasets too.
+    kwargs["allow_empty_text"] = True
     encoded = processor(text=_texts_for(call_name), **kwargs)
     assert encoded["input_ids"] == reference["input_ids"]
     assert encoded["attention_mask"] == reference["attention_mask"]
@@ -108,6 +110,7 @@ def test_clean_text_option_applies_original_cleaning(processor, call_name):
     encoded = processor(
         text=raw,
         clean_text=kind,
+        allow_empty_text=True,  # the original's cleaning cases include empty captions
         padding=call["padding"],
         truncation=call.get("truncation", False),
         max_length=call.get("max_length"),
@@ -117,25 +120,33 @@ def test_clean_text_option_applies_original_cleaning(processor, call_name):
 
 def test_per_text_without_padding(processor):
     expected = TOKENIZATION["per_text_no_padding"]
-    batch = processor(text=TOKENIZATION["captions"], padding=False, truncation=False, max_length=None)
+    options = {"padding": False, "truncation": False, "max_length": None, "allow_empty_text": True}
+    batch = processor(text=TOKENIZATION["captions"], **options)
     assert batch["input_ids"] == expected
     for text, ids in zip(TOKENIZATION["captions"], expected, strict=True):
-        single = processor(text=text, padding=False, truncation=False, max_length=None)
+        single = processor(text=text, **options)
         assert single["input_ids"] == [ids]
         assert single["attention_mask"] == [[1] * len(ids)]
 
 
-def test_empty_text_is_cls_only(processor):
+def test_empty_text_is_refused_unless_allowed(processor):
+    for empty in ("", "   ", ["a", ""]):
+        with pytest.raises(ValueError, match="empty texts at positions"):
+            processor(text=empty)
+    assert processor(text="", allow_empty_text=True)["input_ids"] == [[CLS]]
+    assert processor(text=["", "a"], allow_empty_text=True)["input_ids"] == [[CLS, PAD], [CLS, 1037]]
+    # Emptied by the original cleaning only: encoded as the original does.
     assert pre_caption("...") == ""
-    assert processor(text="")["input_ids"] == [[CLS]]
-    assert processor(text=["", "a"])["input_ids"] == [[CLS, PAD], [CLS, 1037]]
+    assert processor(text="...", clean_text="caption")["input_ids"] == [[CLS]]
 
 
 def test_answers_end_with_sep(processor):
     reference = TOKENIZATION["calls"]["answers_vqa (VQA.py:46/83, answer+'[SEP]')"]
     answers = [answer.removesuffix("[SEP]") for answer in TOKENIZATION["answers_with_eos"]]
-    encoded = processor.encode_answers(answers)
+    encoded = processor.encode_answers(answers, allow_empty_text=True)  # the reference list holds an empty answer
     assert encoded["input_ids"] == reference["input_ids"]
+    with pytest.raises(ValueError, match="empty texts"):
+        processor.encode_answers(answers)
     assert encoded["attention_mask"] == reference["attention_mask"]
     # The original's own recipe (append the string "[SEP]") gives the same ids through `__call__`.
     assert processor(text=TOKENIZATION["answers_with_eos"], truncation=False)["input_ids"] == reference["input_ids"]
@@ -219,7 +230,9 @@ def test_image_processor_save_and_load(tmp_path):
 
 def _assert_albef_text_convention(processor: AlbefProcessor):
     reference = TOKENIZATION["calls"]["captions_retrieval_eval (Retrieval.py:90)"]
-    encoded = processor(text=TOKENIZATION["captions"], padding="max_length", truncation=True, max_length=30)
+    encoded = processor(
+        text=TOKENIZATION["captions"], padding="max_length", truncation=True, max_length=30, allow_empty_text=True
+    )
     assert encoded["input_ids"] == reference["input_ids"]
     assert processor(text="a dog")["input_ids"] == [[CLS, 1037, 3899]]
     assert processor.encode_answers(["yes"])["input_ids"] == [[CLS, 2748, SEP]]

@@ -95,6 +95,22 @@ class AlbefImageProcessor(PilBackend):
                 ) from None
         return super().process_image(image, input_data_format=input_data_format, **kwargs)
 
+    def _preprocess(self, images: list[np.ndarray], do_rescale: bool, **kwargs):
+        """Refuses images that would silently give wrong pixels, then runs the transform."""
+        for index, image in enumerate(images):
+            height, width = image.shape[-2:]
+            if height == 0 or width == 0:
+                raise ValueError(f"image {index} is {height}x{width} pixels; an image needs at least one pixel")
+            if np.issubdtype(image.dtype, np.floating):
+                if not np.isfinite(image).all():
+                    raise ValueError(f"image {index} holds NaN or infinite values")
+                if do_rescale and image.size and float(image.max()) <= 1.0 and float(image.max()) > 0.0:
+                    raise ValueError(
+                        f"image {index} is a float image with values in [0, 1], which do_rescale=True would divide by "
+                        "255 again: pass do_rescale=False, or uint8 / [0, 255] values"
+                    )
+        return super()._preprocess(images, do_rescale=do_rescale, **kwargs)
+
     def convert_to_rgb(self, image, input_data_format=None) -> np.ndarray:
         """
         Converts to 3-channel RGB the way `PIL.Image.convert("RGB")` does: alpha is dropped, not composited

@@ -542,6 +542,21 @@ class AlbefVisionModel(AlbefPreTrainedModel):
                 f"them with the model's processor, or convert the checkpoint to the new size (position embeddings are "
                 f"interpolated bicubically: `from_original(..., image_size=N)`)"
             )
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values is an empty batch (0 images); pass at least one image")
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values must be floating point (normalised by the model's image processor), got "
+                f"{pixel_values.dtype}: run the images through AlbefImageProcessor / AlbefProcessor first"
+            )
+        # Read only where that costs no device synchronisation (a CPU tensor, outside torch.compile).
+        if (
+            pixel_values.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and not bool(torch.isfinite(pixel_values).all())
+        ):
+            bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise ValueError(f"pixel_values of images {bad} hold NaN or infinite values")
 
     @merge_with_config_defaults
     @capture_outputs(tie_last_hidden_states=False)
@@ -897,8 +912,7 @@ class AlbefTextModel(AlbefPreTrainedModel):
         else:
             if input_ids is None or text_embeds is not None:
                 raise ValueError(f"mode={mode!r} takes input_ids (and no text_embeds)")
-            if input_ids.ndim != 2 or input_ids.shape[1] == 0:
-                raise ValueError(f"input_ids must be (batch, length) with length >= 1, got {tuple(input_ids.shape)}")
+            self._check_input_ids(input_ids, past_length)
             batch, length = input_ids.shape
             if position_ids is None and past_length:
                 position_ids = self.embeddings.position_ids[:, past_length : past_length + length]
@@ -962,6 +976,31 @@ class AlbefTextModel(AlbefPreTrainedModel):
                 **kwargs,
             )
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
+
+    def _check_input_ids(self, input_ids: torch.Tensor, past_length: int = 0) -> None:
+        """Shape, type and (on the CPU, where reading them costs no device synchronisation) range of the ids."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, length) with length >= 1, got {tuple(input_ids.shape)}")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids is an empty batch (0 texts); pass at least one text")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        positions = self.config.max_position_embeddings
+        if past_length + input_ids.shape[1] > positions:
+            raise ValueError(
+                f"the text is {past_length + input_ids.shape[1]} tokens long but the model has {positions} positions; "
+                f"truncate it (the processor does: truncation=True, max_length=...)"
+            )
+        vocab = self.config.vocab_size
+        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= vocab:
+                raise ValueError(
+                    f"input_ids must lie in [0, {vocab}) (the vocabulary), got values from {low} to {high}: the text "
+                    "was encoded with another tokenizer, or the vocabulary was resized without the model"
+                )
 
     @staticmethod
     def _check_text_mask(attention_mask, batch, length, device) -> torch.Tensor:

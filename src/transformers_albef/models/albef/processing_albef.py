@@ -52,10 +52,15 @@ class AlbefTextKwargs(TextKwargs, total=False):
         Apply `pre_caption` or `pre_question` to every text before tokenising. `None` tokenises the text as given.
     max_words (`int`, *optional*):
         Word limit of the cleaning; defaults to the cleaner's own (30 for captions, 50 for questions).
+    allow_empty_text (`bool`, *optional*, defaults to `False`):
+        Encode an empty (or all-whitespace) text as `[CLS]` alone, as the original scripts do for the empty captions
+        of their datasets, instead of refusing it. A text that only the cleaning empties (`"..."` with
+        `clean_text="caption"`) is always encoded so, as in the original.
     """
 
     clean_text: Literal["caption", "question"] | None
     max_words: int | None
+    allow_empty_text: bool
 
 
 class AlbefProcessorKwargs(ProcessingKwargs, total=False):
@@ -106,6 +111,20 @@ class AlbefProcessor(ProcessorMixin):
         from transformers import BertTokenizer
 
         from .tokenization_albef import AlbefTokenizer
+
+        special = {
+            tokenizer.cls_token,
+            tokenizer.sep_token,
+            tokenizer.pad_token,
+            tokenizer.unk_token,
+            tokenizer.mask_token,
+        }
+        if len(tokenizer) <= len(special - {None}):
+            raise ValueError(
+                f"the tokenizer has only its {len(tokenizer)} special tokens, no vocabulary: its files (tokenizer.json "
+                f"or vocab.txt) are missing from {tokenizer.name_or_path or 'the folder it was loaded from'!r}. Save the "
+                "processor with the model (processor.save_pretrained) or build it with AlbefProcessor.from_bert_vocab()"
+            )
 
         if type(tokenizer) is BertTokenizer:  # a folder saved before AlbefTokenizer: same vocabulary, ALBEF's template
             tokenizer = AlbefTokenizer(
@@ -187,6 +206,7 @@ class AlbefProcessor(ProcessorMixin):
         return_tensors=None,
         clean_text: str | None = None,
         max_words: int | None = None,
+        allow_empty_text: bool = False,
         add_special_tokens: bool | None = None,
         **unsupported,
     ) -> BatchEncoding:
@@ -204,6 +224,12 @@ class AlbefProcessor(ProcessorMixin):
             raise ValueError(f"AlbefProcessor expects text as a string or a sequence of strings, got {text!r}.")
         if not texts:
             raise ValueError("AlbefProcessor got an empty list of texts.")
+        empty = [i for i, t in enumerate(texts) if not t.strip()]
+        if empty and not allow_empty_text:
+            raise ValueError(
+                f"AlbefProcessor got empty texts at positions {empty[:10]}; every text needs words "
+                "(allow_empty_text=True encodes them as [CLS] alone, as the original does)."
+            )
 
         if clean_text is not None:
             if clean_text not in _CLEANERS:
