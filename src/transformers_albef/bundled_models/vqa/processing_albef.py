@@ -120,10 +120,11 @@ class AlbefProcessor(ProcessorMixin):
             tokenizer.mask_token,
         }
         if len(tokenizer) <= len(special - {None}):
+            where = tokenizer.name_or_path or "the folder it was loaded from"
             raise ValueError(
-                f"the tokenizer has only its {len(tokenizer)} special tokens, no vocabulary: its files (tokenizer.json "
-                f"or vocab.txt) are missing from {tokenizer.name_or_path or 'the folder it was loaded from'!r}. Save the "
-                "processor with the model (processor.save_pretrained) or build it with AlbefProcessor.from_bert_vocab()"
+                f"the tokenizer has only its {len(tokenizer)} special tokens, no vocabulary: its files "
+                f"(tokenizer.json or vocab.txt) are missing from {where!r}. Save the processor with the model "
+                "(processor.save_pretrained) or build it with AlbefProcessor.from_bert_vocab()"
             )
 
         if type(tokenizer) is BertTokenizer:  # a folder saved before AlbefTokenizer: same vocabulary, ALBEF's template

@@ -130,4 +130,5 @@ class AlbefImageProcessor(PilBackend):
 
 AlbefImageProcessor.register_for_auto_class()  # saved image processors name their code (auto_map)
 
+
 __all__ = ["AlbefImageProcessor"]

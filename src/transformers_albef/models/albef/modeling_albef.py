@@ -31,6 +31,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, logging
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -860,6 +861,7 @@ class AlbefTextModel(AlbefPreTrainedModel):
         stop = self.config.fusion_layer if mode == "text" else self.config.num_hidden_layers
         return range(start, stop)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @_hidden_state_indices_of_the_mode
     @capture_outputs
@@ -900,7 +902,9 @@ class AlbefTextModel(AlbefPreTrainedModel):
                 raise ValueError("cls_only applies to the bidirectional encoder, not to the causal answer decoder")
             if cache is None and use_cache:
                 cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
-        elif cache is not None or use_cache:
+        elif (
+            cache is not None
+        ):  # an encoder has nothing to cache (`use_cache` is ignored, as transformers' encoders do)
             raise ValueError("a cache applies to the causal answer decoder (is_decoder=True) only")
         past_length = cache.get_seq_length() if cache is not None else 0
 
@@ -1099,6 +1103,8 @@ class AlbefClassifierOutput(ModelOutput):
     r"""
     logits (`(batch, num_labels)`); loss when labels are given.
     fused_last_hidden_state (`(batch, length, hidden)`): the multimodal text model's output.
+    hidden_states / attentions: those of the multimodal text model (the states the classifier reads), as
+        `text_model_output` holds them.
     vision_model_output / text_model_output: the towers' outputs (`hidden_states` / `attentions` /
         `cross_attentions` with `output_hidden_states` / `output_attentions`).
     """
@@ -1106,6 +1112,8 @@ class AlbefClassifierOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     fused_last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     vision_model_output: BaseModelOutput | None = None
     text_model_output: BaseModelOutput | None = None
 
@@ -1756,6 +1764,8 @@ class _AlbefClassifier(AlbefPreTrainedModel):
             loss=loss,
             logits=logits,
             fused_last_hidden_state=text_output.last_hidden_state,
+            hidden_states=text_output.hidden_states,
+            attentions=text_output.attentions,
             vision_model_output=vision_output,
             text_model_output=text_output,
         )
@@ -1797,11 +1807,16 @@ class AlbefForVisualReasoning(_AlbefClassifier):
                 f"NLVR2 takes exactly two images per sentence: pixel_values of shape (batch, 2, 3, H, W), got "
                 f"{tuple(pixel_values.shape)}"
             )
-        batch = pixel_values.shape[0]
-        # One tower pass over both images, as the original concatenates them (image 0 of every pair, then image 1).
-        output = towers.vision_model(torch.cat([pixel_values[:, 0], pixel_values[:, 1]]), **kwargs)
+        # One tower pass over both images, pair by pair (every image is encoded independently, so the order is free);
+        # the output is returned as (batch, 2, ...), like the input.
+        output = towers.vision_model(pixel_values.flatten(0, 1), **kwargs)
+        for key, value in output.items():
+            if isinstance(value, torch.Tensor):
+                output[key] = value.unflatten(0, (-1, 2))
+            elif isinstance(value, tuple):
+                output[key] = tuple(v.unflatten(0, (-1, 2)) if v is not None else None for v in value)
         states = output.last_hidden_state
-        return [states[:batch], states[batch:]], output
+        return [states[:, 0], states[:, 1]], output
 
 
 class AlbefForTextAssignment(AlbefPreTrainedModel):
@@ -1821,6 +1836,11 @@ class AlbefForTextAssignment(AlbefPreTrainedModel):
         self.temp = nn.Parameter(torch.ones([]) * config.temp)  # unused: the similarity uses a fixed 0.07
         self.ta_head = nn.Linear(config.text_config.hidden_size, 3)
         self._finish_init()
+        # As in the original: text_proj and temp are never used, vision_proj only without gradient (drawing the
+        # assignment), so none of them trains.
+        for frozen in (self.text_proj, self.vision_proj):
+            frozen.requires_grad_(False)
+        self.temp.requires_grad_(False)
 
     @torch.no_grad()
     def assignment_weights(self, image_states: torch.Tensor) -> torch.Tensor:
@@ -1887,6 +1907,8 @@ class AlbefForTextAssignment(AlbefPreTrainedModel):
             loss=loss,
             logits=logits,
             fused_last_hidden_state=text_output.last_hidden_state,
+            hidden_states=text_output.hidden_states,
+            attentions=text_output.attentions,
             vision_model_output=vision_output,
             text_model_output=text_output,
         )
@@ -1901,6 +1923,8 @@ class AlbefQuestionAnsweringOutput(ModelOutput):
         (`question_states` given, as `generate` calls it).
     question_states (`(batch, length, hidden)`): output of the multimodal question encoder.
     cache (`EncoderDecoderCache`): the decoder's keys/values, when decoding with `use_cache`.
+    hidden_states / attentions: the question encoder's (as `text_model_output` holds them), or the decoder's when
+        decoding.
     vision_model_output / text_model_output: the towers' outputs when encoding (`hidden_states` / `attentions` with
         `output_hidden_states` / `output_attentions`).
     """
@@ -1909,6 +1933,8 @@ class AlbefQuestionAnsweringOutput(ModelOutput):
     logits: torch.Tensor | None = None
     question_states: torch.Tensor | None = None
     cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
     vision_model_output: BaseModelOutput | None = None
     text_model_output: BaseModelOutput | None = None
 
@@ -2001,6 +2027,7 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel, GenerationMixin):
         ).last_hidden_state
         return towers.lm_head(states)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -2047,7 +2074,11 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel, GenerationMixin):
                 **kwargs,
             )
             return AlbefQuestionAnsweringOutput(
-                logits=self.lm_head(decoded.last_hidden_state), question_states=question_states, cache=decoded.cache
+                logits=self.lm_head(decoded.last_hidden_state),
+                question_states=question_states,
+                cache=decoded.cache,
+                hidden_states=decoded.hidden_states,
+                attentions=decoded.attentions,
             )
         if pixel_values is None or input_ids is None:
             raise ValueError("AlbefForQuestionAnswering needs pixel_values and the question's input_ids")
@@ -2055,7 +2086,12 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel, GenerationMixin):
             attention_mask = torch.ones_like(input_ids)
         vision_output, text_output = self._encode(pixel_values, input_ids, attention_mask, **kwargs)
         question_states = text_output.last_hidden_state
-        towers = {"vision_model_output": vision_output, "text_model_output": text_output}
+        towers = {
+            "hidden_states": text_output.hidden_states,
+            "attentions": text_output.attentions,
+            "vision_model_output": vision_output,
+            "text_model_output": text_output,
+        }
         if answer_input_ids is None:
             return AlbefQuestionAnsweringOutput(question_states=question_states, **towers)
 
