@@ -1,5 +1,5 @@
-"""benchmarks/speed.py: a tiny run end to end (into a temporary file, never the repository's BENCHMARKS.md) and the
-section bookkeeping of the benchmark file."""
+"""benchmarks/speed.py and benchmarks/one_path.py: tiny runs end to end (into a temporary file, never the repository's
+BENCHMARKS.md) and the section bookkeeping of the benchmark file."""
 
 import importlib.util
 import os
@@ -82,6 +82,58 @@ def test_split_gpu_runs_keep_their_own_sections(speed, tmp_path):
     text = path.read_text()
     assert all(rows in text for rows in ("CPU-ROWS", "TOWER-ROWS", "TRAINING-ROWS"))
     assert "Pending a GPU session" not in text
+
+
+def test_the_rest_of_the_file_is_kept(speed, tmp_path):
+    """Notes under the header and other scripts' sections (one_path.py's) survive a speed run; a stale header is
+    rewritten."""
+    path = tmp_path / "B.md"
+    path.write_text(
+        "# Speed benchmarks\n\nOLD INTRO\n\n## Notes\n\nHAND-WRITTEN\n\n"
+        "<!-- speed:cpu-base -->\n## cpu-base\n\nRUN-ONE\n<!-- /speed:cpu-base -->\n\n"
+        "<!-- one-path:cpu -->\nONE-PATH\n<!-- /one-path:cpu -->\n"
+    )
+    speed.update_file(path, "cpu-base", "## cpu-base\n\nRUN-TWO\n")
+    speed.update_file(path, "cpu-tiny", "## cpu-tiny\n\nTINY\n")
+    text = path.read_text()
+    assert text.startswith(speed.HEADER) and "OLD INTRO" not in text
+    assert all(part in text for part in ("HAND-WRITTEN", "RUN-TWO", "TINY", "ONE-PATH", "Pending a GPU session"))
+    assert "RUN-ONE" not in text and text.count("<!-- speed:cpu-base -->") == 1
+    assert text.index("HAND-WRITTEN") < text.index("RUN-TWO") < text.index("TINY") < text.index("ONE-PATH")
+    assert [p.name for p in tmp_path.iterdir()] == ["B.md"]  # no temporary file left
+
+
+def test_one_path_tiny_run_writes_its_section(tmp_path):
+    """benchmarks/one_path.py end to end on tiny models: its section replaces an older one, the rest of the file
+    stays, every row is there and the model's paths give the reference outputs."""
+    repo_file = REPO / "BENCHMARKS.md"
+    before = repo_file.read_bytes() if repo_file.exists() else None
+    output = tmp_path / "BENCHMARKS.md"
+    output.write_text(
+        "# Speed benchmarks\n\nINTRO\n\n<!-- speed:cpu-base -->\nCPU-ROWS\n<!-- /speed:cpu-base -->\n\n"
+        "<!-- one-path:cpu -->\nOLD-ONE-PATH\n<!-- /one-path:cpu -->\n\nTRAILER\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPO / "benchmarks" / "one_path.py"), "--size", "tiny", "--threads", "1",
+               "--repeats", "1", "--slow-repeats", "1", "--output", str(output)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = output.read_text()
+    assert text.count("<!-- one-path:cpu -->") == 1 and text.count("<!-- /one-path:cpu -->") == 1
+    assert "OLD-ONE-PATH" not in text
+    assert all(part in text for part in ("INTRO", "CPU-ROWS", "TRAILER"))
+    section = text.split("<!-- one-path:cpu -->")[1].split("<!-- /one-path:cpu -->")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    names = ["`retrieval_scores`", "`RetrievalEngine.text_to_image`", "`rank_answers`", "`generate`"]
+    assert [row.split(" | ")[0][2:] for row in rows] == [names[0], names[1]] + [names[2]] * 6 + [names[3]] * 2
+    for setting in ("k=8 of", "k=16 of", "k=32 of", "k=64 of", "k=128 of", "8 questions", "greedy", "3 beams"):
+        assert setting in section, setting
+    for row in rows:
+        agreement = row.rstrip(" |").split(" | ")[-1]
+        assert "**" not in agreement, row  # a difference is marked in bold
+        assert agreement.startswith(("same candidates", "same order", "same ranked ids", "identical token ids")), row
+        assert row.split(" | ")[-2].endswith("x"), row  # the speed-up
+    assert (repo_file.read_bytes() if repo_file.exists() else None) == before
 
 
 def test_synthetic_inputs_look_like_the_real_ones(speed):
