@@ -1,19 +1,23 @@
 """transformers pipelines for ALBEF, registered by `register_pipelines()` (called on `import transformers_albef`).
 
+Where transformers has the task, its own pipeline works with ALBEF unmodified (the model and the tokenizer follow
+its contracts): `zero-shot-image-classification` (`AlbefModel`), `image-feature-extraction` and
+`feature-extraction` (`AlbefModel`: the L2-normalised ITC embedding is the first output). Nothing of transformers
+is replaced. ALBEF adds tasks only where transformers has none:
+
 | task | pipeline class | model |
 |---|---|---|
-| `zero-shot-image-classification` | `AlbefZeroShotImageClassificationPipeline` | `AlbefModel` (`AlbefForRetrieval`) |
 | `albef-image-text-retrieval` | `AlbefImageTextRetrievalPipeline` | `AlbefForRetrieval` or `AlbefModel` |
 | `albef-visual-question-answering` | `AlbefVisualQuestionAnsweringPipeline` | `AlbefForQuestionAnswering` |
-| `albef-image-feature-extraction` | `AlbefImageFeatureExtractionPipeline` | `AlbefModel` |
-| `albef-text-feature-extraction` | `AlbefTextFeatureExtractionPipeline` | `AlbefModel` |
 
-`zero-shot-image-classification` keeps its name: its implementation is replaced by a subclass that encodes ALBEF
-prompts with the `AlbefProcessor` and is transformers' own pipeline for every other model. The other tasks are new
-names (transformers 5.22+ rejects `visual-question-answering` even when registered).
+and classes to pass as `pipeline(task, ..., pipeline_class=...)` for ALBEF's extras on a transformers task:
+`AlbefZeroShotImageClassificationPipeline` (prompt ensembles, the original caption cleaning, ITM re-ranking of the
+best labels with an `AlbefForRetrieval`), `AlbefImageFeatureExtractionPipeline` /
+`AlbefTextFeatureExtractionPipeline` (one `(1, embed_dim)` vector per input). transformers 5.22+ rejects the name
+`visual-question-answering` even when registered, hence the `albef-` prefix.
 """
 
-from transformers import AutoModel, AutoModelForVisualQuestionAnswering
+from transformers import AutoModelForVisualQuestionAnswering
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .base import AlbefRetrievalModelLoader
@@ -25,10 +29,7 @@ from .zero_shot_image_classification import AlbefZeroShotImageClassificationPipe
 ALBEF_PIPELINES = {
     "albef-image-text-retrieval": (AlbefImageTextRetrievalPipeline, AlbefRetrievalModelLoader),
     "albef-visual-question-answering": (AlbefVisualQuestionAnsweringPipeline, AutoModelForVisualQuestionAnswering),
-    "albef-image-feature-extraction": (AlbefImageFeatureExtractionPipeline, AutoModel),
-    "albef-text-feature-extraction": (AlbefTextFeatureExtractionPipeline, AutoModel),
 }
-ZERO_SHOT_TASK = "zero-shot-image-classification"
 
 
 def register_pipelines():
@@ -39,8 +40,6 @@ def register_pipelines():
             PIPELINE_REGISTRY.register_pipeline(
                 task, pipeline_class=pipeline_class, pt_model=model_class, type="multimodal"
             )
-    # Only the implementation changes: the task keeps its model classes and default checkpoint.
-    tasks[ZERO_SHOT_TASK] = {**tasks[ZERO_SHOT_TASK], "impl": AlbefZeroShotImageClassificationPipeline}
     # `register_pipeline` marks a class as remote code, which `Pipeline.save_pretrained` would copy next to the model
     # (relative imports and all) and name in its config; these pipelines come with the package instead.
     for pipeline_class, _ in ALBEF_PIPELINES.values():

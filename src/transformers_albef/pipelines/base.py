@@ -1,5 +1,5 @@
-"""What every ALBEF pipeline shares: the `AlbefProcessor` (ALBEF's text convention lives there, not in the
-tokenizer), image loading, checkpoint-dependent model loading and saving with the processor."""
+"""What every ALBEF pipeline shares: the `AlbefProcessor` (the original caption/question cleaning lives there),
+image loading, checkpoint-dependent model loading and saving with the processor."""
 
 from __future__ import annotations
 
@@ -46,22 +46,30 @@ def check_texts(texts: Sequence, what: str) -> list[str]:
 class AlbefPipelineMixin:
     """Resolves the pipeline's `AlbefProcessor` and saves it with the model.
 
-    ALBEF texts are `[CLS] tokens` without `[SEP]`, cleaned as the original datasets: only the processor does that,
-    a bare tokenizer (what transformers' pipelines call) adds `[SEP]`. The processor comes from, in order: the
-    `processor` argument, the loaded `tokenizer` and `image_processor`, or the model's folder (`name_or_path`)."""
+    ALBEF texts are `[CLS] tokens` without `[SEP]` (the `AlbefTokenizer` alone does that), cleaned as the original
+    datasets (only the processor does that: `clean_text=`). The processor comes from, in order: the `processor`
+    argument, the loaded `tokenizer` and `image_processor`, or the model's folder (`name_or_path`)."""
+
+    # No video input: transformers would otherwise try an `AutoVideoProcessor` from the folder's image processor
+    # `auto_map` (a folder saved by a pipeline has one), which asks about remote code on a terminal.
+    _load_video_processor = False
 
     def _init_albef_processor(self):
         if self.processor is not None and not isinstance(self.processor, AlbefProcessor):
             raise ValueError(f"ALBEF pipelines need an AlbefProcessor, got {type(self.processor).__name__}")
         if self.processor is None and self.tokenizer is not None and self.image_processor is not None:
             self.processor = AlbefProcessor(self.image_processor, self.tokenizer)
+        error = None
         if self.processor is None and os.path.isdir(str(self.model.name_or_path)):
-            self.processor = AlbefProcessor.from_pretrained(self.model.name_or_path)
+            try:
+                self.processor = AlbefProcessor.from_pretrained(self.model.name_or_path)
+            except OSError as missing:  # a folder without the processor's files
+                error = missing
         if self.processor is None:
             raise ValueError(
                 f"{type(self).__name__} could not find the model's processor: pass `processor=AlbefProcessor...` "
                 "(or `tokenizer=` and `image_processor=`) to `pipeline()`"
-            )
+            ) from error
         # Batching pads text with this tokenizer.
         self.tokenizer = self.processor.tokenizer
         self.image_processor = self.processor.image_processor

@@ -1,5 +1,12 @@
-"""`albef-image-feature-extraction` and `albef-text-feature-extraction`: the L2-normalised ITC embeddings
-(`get_image_features` / `get_text_features`), the vectors ALBEF compares images and texts with."""
+"""The L2-normalised ITC embeddings (`get_image_features` / `get_text_features`), the vectors ALBEF compares images
+and texts with, as classes to pass explicitly on transformers' tasks:
+
+    pipeline("image-feature-extraction", model=..., pipeline_class=AlbefImageFeatureExtractionPipeline)
+    pipeline("feature-extraction", model=..., pipeline_class=AlbefTextFeatureExtractionPipeline)
+
+transformers' own `image-feature-extraction` / `feature-extraction` pipelines give the same embeddings for an
+`AlbefModel` (its first output with one modality); these classes add ALBEF's caption cleaning of the texts (through
+the `AlbefProcessor`) and refuse the heads without ITC embeddings."""
 
 from __future__ import annotations
 
@@ -35,7 +42,11 @@ class AlbefImageFeatureExtractionPipeline(_AlbefFeatureExtractionPipeline):
     (a nested list, or a tensor with `return_tensors=True`). Inputs: a PIL image, a local path or URL, or a list.
 
     ```python
-    >>> extractor = pipeline("albef-image-feature-extraction", model=transformers_albef.bundled_model_path())
+    >>> extractor = pipeline(
+    ...     "image-feature-extraction",
+    ...     model=transformers_albef.bundled_model_path(),
+    ...     pipeline_class=AlbefImageFeatureExtractionPipeline,
+    ... )
     >>> torch.cat(extractor([image_a, image_b], return_tensors=True)).shape
     torch.Size([2, 128])
     ```
@@ -60,10 +71,15 @@ class AlbefImageFeatureExtractionPipeline(_AlbefFeatureExtractionPipeline):
 class AlbefTextFeatureExtractionPipeline(_AlbefFeatureExtractionPipeline):
     """
     ALBEF text embeddings ([`AlbefModel.get_text_features`]): one L2-normalised `(1, embed_dim)` vector per text
-    (a nested list, or a tensor with `return_tensors=True`). Texts are cleaned and encoded as ALBEF captions.
+    (a nested list, or a tensor with `return_tensors=True`). Texts are cleaned and encoded as ALBEF captions
+    (`pre_caption`: lower case, punctuation deleted, 30 words at most).
 
     ```python
-    >>> extractor = pipeline("albef-text-feature-extraction", model=transformers_albef.bundled_model_path())
+    >>> extractor = pipeline(
+    ...     "feature-extraction",
+    ...     model=transformers_albef.bundled_model_path(),
+    ...     pipeline_class=AlbefTextFeatureExtractionPipeline,
+    ... )
     >>> extractor("a dog in the snow", return_tensors=True).shape
     torch.Size([1, 128])
     ```

@@ -1,8 +1,10 @@
-"""`zero-shot-image-classification` that encodes ALBEF prompts with the `AlbefProcessor`.
+"""ALBEF's extras on `zero-shot-image-classification`, as a class to pass explicitly:
 
-transformers' pipeline tokenises the prompts with the bare tokenizer: for ALBEF that appends `[SEP]`, skips the
-caption cleaning and passes `token_type_ids`, so the text embeddings differ from the ones ALBEF was trained on. This
-subclass replaces the task's implementation; for every other model it is transformers' pipeline unchanged."""
+    pipeline("zero-shot-image-classification", model=..., pipeline_class=AlbefZeroShotImageClassificationPipeline)
+
+transformers' own pipeline already works with ALBEF models (the `AlbefTokenizer` encodes the prompts as ALBEF does,
+`[CLS] tokens` without `[SEP]`); this subclass adds prompt ensembles, the original caption cleaning of the prompts
+(through the `AlbefProcessor`) and ITM re-ranking of the best labels. It accepts ALBEF models only."""
 
 from __future__ import annotations
 
@@ -20,48 +22,54 @@ DEFAULT_TEMPLATE = "a picture of {}"
 
 class AlbefZeroShotImageClassificationPipeline(AlbefPipelineMixin, ZeroShotImageClassificationPipeline):
     """
-    Zero-shot image classification with ALBEF's image-text contrastive (ITC) embeddings, optionally re-ranking the
-    best labels with the image-text matching (ITM) head.
+    Zero-shot image classification with ALBEF's image-text contrastive (ITC) embeddings, with prompt ensembles and
+    optional re-ranking of the best labels with the image-text matching (ITM) head.
 
     ```python
     >>> import transformers_albef
     >>> from transformers import pipeline
+    >>> from transformers_albef.pipelines import AlbefZeroShotImageClassificationPipeline
 
-    >>> classifier = pipeline("zero-shot-image-classification", model=transformers_albef.bundled_model_path())
+    >>> classifier = pipeline(
+    ...     "zero-shot-image-classification",
+    ...     model=transformers_albef.bundled_model_path("retrieval"),
+    ...     pipeline_class=AlbefZeroShotImageClassificationPipeline,
+    ... )
     >>> classifier(image, candidate_labels=["cat", "dog"], hypothesis_template=["a picture of {}", "a photo of {}"])
     [{'score': 0.62, 'label': 'cat'}, {'score': 0.38, 'label': 'dog'}]
     ```
 
-    For ALBEF models the call accepts:
+    The call accepts:
 
-    - `candidate_labels` (`str` or `list[str]`): the labels.
+    - `candidate_labels` (`str` or `list[str]`): the labels, unique.
     - `hypothesis_template` (`str` or `list[str]`, defaults to `"a picture of {}"`): the prompt(s) a label is put in.
       With several templates a label's text embedding is the normalised mean over its prompts (prompt ensembling).
-      Prompts are cleaned as ALBEF captions (`pre_caption`) and encoded without `[SEP]`.
+      Prompts are cleaned as ALBEF captions (`pre_caption`: lower case, punctuation deleted, 30 words at most) and
+      encoded without `[SEP]`.
     - `rerank_top_k` (`int`, *optional*): re-score the `k` best labels of each image with the ITM head (match
       probability, averaged over the templates) and put them first, in that order; each of them gets an
       `itm_score`. Needs an [`AlbefForRetrieval`]: pass `model=AlbefForRetrieval.from_pretrained(...)` (loading
-      by name gives the ITC-only [`AlbefModel`]).
+      by name gives the task's ITC-only [`AlbefModel`]).
 
-    `score` is always the softmax over the labels of the ITC logits (`logits_per_image`), as for CLIP.
+    `score` is always the softmax over the labels of the ITC logits (`logits_per_image`), as for CLIP. The processor
+    is the `processor=` argument, else built from the loaded tokenizer and image processor, else read from the
+    model's folder.
     """
 
-    # Soft: a model passed as an object needs only `processor=`. Other models get the same components as before.
+    # Soft: a model passed as an object needs only `processor=`.
     _load_tokenizer = None
     _load_image_processor = None
 
     def __init__(self, model, **kwargs):
-        # `_sanitize_parameters` runs inside the parent __init__ and must know which path to take.
-        self._albef = is_albef_model(model)
+        if not is_albef_model(model):
+            raise ValueError(
+                f"{type(self).__name__} is for ALBEF models, got {type(model).__name__}: for other models use "
+                "transformers' own zero-shot-image-classification pipeline (leave out `pipeline_class`)"
+            )
         super().__init__(model=model, **kwargs)
-        if self._albef:
-            self._init_albef_processor()
-        elif self.tokenizer is None or self.image_processor is None:
-            raise ValueError("zero-shot-image-classification needs a tokenizer and an image processor")
+        self._init_albef_processor()
 
     def check_model_type(self, supported_models):
-        if not self._albef:
-            return super().check_model_type(supported_models)
         if not isinstance(self.model, AlbefModel):
             raise ValueError(
                 f"zero-shot-image-classification uses ALBEF's ITC embeddings: it needs an AlbefModel or "
@@ -69,8 +77,6 @@ class AlbefZeroShotImageClassificationPipeline(AlbefPipelineMixin, ZeroShotImage
             )
 
     def __call__(self, image=None, candidate_labels=None, **kwargs):
-        if not self._albef:
-            return super().__call__(image, candidate_labels, **kwargs)
         if "images" in kwargs:
             image = kwargs.pop("images")
         if image is None:
@@ -80,10 +86,6 @@ class AlbefZeroShotImageClassificationPipeline(AlbefPipelineMixin, ZeroShotImage
         return super().__call__(image, candidate_labels=candidate_labels, **kwargs)
 
     def _sanitize_parameters(self, tokenizer_kwargs=None, rerank_top_k=None, **kwargs):
-        if not self._albef:
-            if rerank_top_k is not None:
-                raise ValueError("`rerank_top_k` (ITM re-ranking) is only available for ALBEF models")
-            return super()._sanitize_parameters(tokenizer_kwargs=tokenizer_kwargs, **kwargs)
         if tokenizer_kwargs is not None:
             raise ValueError("ALBEF prompts are encoded by its processor: `tokenizer_kwargs` is not supported")
         names = ("candidate_labels", "hypothesis_template", "timeout")
@@ -95,17 +97,12 @@ class AlbefZeroShotImageClassificationPipeline(AlbefPipelineMixin, ZeroShotImage
                     f"`rerank_top_k` needs the ITM head of an AlbefForRetrieval, got {type(self.model).__name__}: "
                     "pass model=AlbefForRetrieval.from_pretrained(...)"
                 )
-            if not isinstance(rerank_top_k, int) or rerank_top_k < 1:
+            if isinstance(rerank_top_k, bool) or not isinstance(rerank_top_k, int) or rerank_top_k < 1:
                 raise ValueError(f"`rerank_top_k` must be a positive integer, got {rerank_top_k!r}")
             forward_params["rerank_top_k"] = rerank_top_k
         return preprocess_params, forward_params, {}
 
-    def preprocess(self, image, candidate_labels=None, hypothesis_template=None, timeout=None, **kwargs):
-        if not self._albef:
-            # transformers' own default template when none is given
-            if hypothesis_template is not None:
-                kwargs["hypothesis_template"] = hypothesis_template
-            return super().preprocess(image, candidate_labels, timeout=timeout, **kwargs)
+    def preprocess(self, image, candidate_labels=None, hypothesis_template=None, timeout=None):
         hypothesis_template = DEFAULT_TEMPLATE if hypothesis_template is None else hypothesis_template
         labels = check_texts(candidate_labels, "candidate_labels")
         if len(set(labels)) != len(labels):
@@ -122,8 +119,6 @@ class AlbefZeroShotImageClassificationPipeline(AlbefPipelineMixin, ZeroShotImage
         return inputs
 
     def _forward(self, model_inputs, rerank_top_k=None):
-        if not self._albef:
-            return super()._forward(model_inputs)
         labels = model_inputs.pop("candidate_labels")
         text_inputs = model_inputs.pop("text_inputs")
         num_templates = model_inputs.pop("num_templates")
@@ -141,7 +136,8 @@ class AlbefZeroShotImageClassificationPipeline(AlbefPipelineMixin, ZeroShotImage
         # Prompt ensemble: mean of a label's normalised prompt embeddings, normalised again.
         label_embeds = text_embeds.view(-1, num_templates, text_embeds.shape[-1]).mean(1)
         label_embeds = F.normalize(label_embeds, dim=-1) if num_templates > 1 else label_embeds
-        logits = image_embeds @ label_embeds.t() / model.temp
+        # In float32, as the model's own ITC logits (1 / temp is large: half precision would round them coarsely).
+        logits = image_embeds.float() @ label_embeds.float().t() / model.temp.float()
         outputs = {"candidate_labels": labels, "logits": logits}
         if rerank_top_k is not None:
             outputs["itm_labels"], outputs["itm_scores"] = self._rerank(
@@ -162,8 +158,6 @@ class AlbefZeroShotImageClassificationPipeline(AlbefPipelineMixin, ZeroShotImage
         return torch.gather(top, 1, order), torch.gather(scores, 1, order)
 
     def postprocess(self, model_outputs):
-        if not self._albef:
-            return super().postprocess(model_outputs)
         labels = model_outputs["candidate_labels"]
         scores = model_outputs["logits"][0].float().softmax(-1).tolist()
         results = sorted(
