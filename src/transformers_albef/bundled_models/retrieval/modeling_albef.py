@@ -1068,8 +1068,15 @@ class AlbefPredictionHead(nn.Module):
 # === heads ===========================================================================================================
 
 
+class _OutputWithTowers(ModelOutput):
+    """An output that nests the towers' outputs: `to_tuple` flattens them into tuples too (`return_dict=False`)."""
+
+    def to_tuple(self):
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
+
+
 @dataclass
-class AlbefOutput(ModelOutput):
+class AlbefOutput(_OutputWithTowers):
     r"""
     logits_per_image (`(image_batch, text_batch)`): cosine similarity of the ITC embeddings divided by `temp`.
     logits_per_text (`(text_batch, image_batch)`): its transpose.
@@ -1094,12 +1101,9 @@ class AlbefOutput(ModelOutput):
     vision_model_output: BaseModelOutput | None = None
     text_model_output: BaseModelOutput | None = None
 
-    def to_tuple(self):
-        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
-
 
 @dataclass
-class AlbefClassifierOutput(ModelOutput):
+class AlbefClassifierOutput(_OutputWithTowers):
     r"""
     logits (`(batch, num_labels)`); loss when labels are given.
     fused_last_hidden_state (`(batch, length, hidden)`): the multimodal text model's output.
@@ -1116,9 +1120,6 @@ class AlbefClassifierOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
     vision_model_output: BaseModelOutput | None = None
     text_model_output: BaseModelOutput | None = None
-
-    def to_tuple(self):
-        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
 
 
 def _check_pairs(pixel_values: torch.Tensor, input_ids: torch.Tensor, what: str):
@@ -1916,7 +1917,7 @@ class AlbefForTextAssignment(AlbefPreTrainedModel):
 
 # === visual question answering =======================================================================================
 @dataclass
-class AlbefQuestionAnsweringOutput(ModelOutput):
+class AlbefQuestionAnsweringOutput(_OutputWithTowers):
     r"""
     loss: weighted answer loss, `sum(weight * per-answer loss) / number of questions` (with `answer_input_ids`).
     logits (`(batch, answer_length, vocab)`): decoder logits of the answer tokens, when the forward decodes
@@ -1937,9 +1938,6 @@ class AlbefQuestionAnsweringOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
     vision_model_output: BaseModelOutput | None = None
     text_model_output: BaseModelOutput | None = None
-
-    def to_tuple(self):
-        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
 
 
 @dataclass
