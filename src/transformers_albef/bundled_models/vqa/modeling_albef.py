@@ -1123,6 +1123,12 @@ class AlbefClassifierOutput(_OutputWithTowers):
 
 
 def _check_pairs(pixel_values: torch.Tensor, input_ids: torch.Tensor, what: str):
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.ndim not in (4, 5):
+        got = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ValueError(f"{what}: pixel_values must be a (batch, channels, height, width) tensor, got {got}")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"{what}: input_ids must be a (batch, length) tensor, got {got}")
     if pixel_values.shape[0] != input_ids.shape[0]:
         raise ValueError(
             f"{what} pairs image i with text i, so the batch sizes must match: got {pixel_values.shape[0]} images "
@@ -1594,7 +1600,7 @@ class AlbefForRetrieval(AlbefModel):
         Every candidate pair is scored in one grouped ITM call (`itm_logits_for_pairs`), a pair both directions
         select once. For corpora that do not fit in memory, see `transformers_albef.RetrievalEngine`."""
         encoded = encode_for_retrieval(self, pixel_values, input_ids, attention_mask)
-        return rerank_encoded(self, *encoded, k=k or self.config.retrieval_k)
+        return rerank_encoded(self, *encoded, k=self.config.retrieval_k if k is None else k)
 
     def gradcam(
         self,
@@ -2151,10 +2157,10 @@ class AlbefForQuestionAnswering(AlbefPreTrainedModel, GenerationMixin):
                 stacklevel=2,
             )
         num_answers = answer_input_ids.shape[0]
-        k = k or self.config.answer_rank_k
+        k = self.config.answer_rank_k if k is None else k
         if answer_input_ids.ndim != 2 or num_answers == 0 or answer_input_ids.shape[1] < 2:
             raise ValueError(f"the answer list is empty (answer_input_ids {tuple(answer_input_ids.shape)})")
-        if not 1 <= k <= num_answers:
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_answers:
             raise ValueError(f"k must be between 1 and the number of answers ({num_answers}), got {k}")
         pad = self.config.text_config.pad_token_id
         if answer_attention_mask is None:
