@@ -8,6 +8,13 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 
+def _check_positive_ints(config, names) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be a positive integer, got {value!r}")
+
+
 @strict
 class AlbefVisionConfig(PreTrainedConfig):
     r"""
@@ -38,8 +45,20 @@ class AlbefVisionConfig(PreTrainedConfig):
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._check()  # here, so that the error reads as ours (strict's validators wrap it in a generic message)
+
     def validate_architecture(self):
         super().validate_architecture()
+        self._check()
+
+    def _check(self):
+        _check_positive_ints(
+            self,
+            ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size",
+             "patch_size", "num_channels"),
+        )  # fmt: skip
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of "
@@ -98,8 +117,20 @@ class AlbefTextConfig(PreTrainedConfig):
     mask_token_id: int | None = 103
     tie_word_embeddings: bool = True
 
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._check()
+
     def validate_architecture(self):
         super().validate_architecture()
+        self._check()
+
+    def _check(self):
+        _check_positive_ints(
+            self,
+            ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "max_position_embeddings", "type_vocab_size", "encoder_width", "num_fused_images"),
+        )  # fmt: skip
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of "
@@ -170,9 +201,25 @@ class AlbefConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
 
     def __post_init__(self, **kwargs):
+        self._check()  # before transformers' validators, so that the error reads as ours
         super().__post_init__(**kwargs)
         # The fusion layers cross-attend to image tokens.
         self.text_config.encoder_width = self.vision_config.hidden_size
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        self._check()
+
+    def _check(self):
+        _check_positive_ints(
+            self, ("embed_dim", "queue_size", "decoder_num_hidden_layers", "retrieval_k", "answer_rank_k")
+        )
+        for name in ("momentum", "alpha", "mlm_probability"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"AlbefConfig.{name} must be a number between 0 and 1, got {value!r}")
+        if isinstance(self.temp, bool) or not isinstance(self.temp, (int, float)) or not self.temp > 0:
+            raise ValueError(f"AlbefConfig.temp must be a number above 0, got {self.temp!r}")
 
     def decoder_config(self) -> AlbefTextConfig:
         """The VQA answer decoder: the text config with `decoder_num_hidden_layers` causal layers, each with
