@@ -25,6 +25,8 @@ import torch
 
 import transformers_albef as ta
 from transformers_albef.bundled import BUNDLED_ROOT
+from transformers_albef.cli.common import report_errors
+from transformers_albef.hub import atomic_folder
 
 CLASSES = {"retrieval": ta.AlbefForRetrieval, "vqa": ta.AlbefForQuestionAnswering}
 
@@ -41,26 +43,33 @@ def export(
         processor = ta.AlbefProcessor.from_pretrained(model_dir)
     else:
         processor = ta.AlbefProcessor.from_bert_vocab(image_size=model.config.vision_config.image_size)
-    # Written next to the target and swapped in, so an interrupted export never leaves half a model.
-    staging = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}-"))
-    model.to(torch.float16).save_pretrained(staging)
-    config = json.loads((staging / "config.json").read_text())
-    config["dtype"] = "float32"
-    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    processor.save_pretrained(staging)
-    if card is not None:
-        shutil.copyfile(card, staging / "README.md")
-    # mkdtemp and atomic writes make owner-only files; a bundle is read by everyone.
-    staging.chmod(0o755)
-    for file in staging.iterdir():
-        file.chmod(0o644)
-    if output.exists():
-        shutil.rmtree(output)
-    staging.rename(output)
+    # Written next to the target and swapped in (`atomic_folder`): an interrupted or failed export (an error, Ctrl-C,
+    # a full disk) never leaves half a model, and only an ALBEF model folder is ever replaced.
+    with atomic_folder(output, overwrite=True, what="bundle folder") as staging:
+        model.to(torch.float16).save_pretrained(staging)
+        config = json.loads((staging / "config.json").read_text())
+        config["dtype"] = "float32"
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        processor.save_pretrained(staging)
+        if card is not None:
+            shutil.copyfile(card, staging / "README.md")
     return output
 
 
-def main() -> int:
+def read_answer_list(path: Path) -> list[str]:
+    """A JSON list of answer strings; errors name the file and say what is wrong."""
+    try:
+        answers = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        ) from None
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise ValueError(f"{path} must hold a non-empty JSON list of answer strings")
+    return answers
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(CLASSES))
     parser.add_argument("--model", type=Path, help="trained model folder (save_pretrained)")
@@ -68,7 +77,11 @@ def main() -> int:
     parser.add_argument("--answer-list", type=Path, help="VQA: answer_list.json stored in the config")
     parser.add_argument("--card", type=Path, help="model card (markdown) saved as README.md")
     parser.add_argument("--output", type=Path, help="default: the package's bundled folder for the task")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    return report_errors(lambda: run(parser, args), prog="export_bundled.py")
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.refresh:
         for task in sorted(CLASSES):
             folder = BUNDLED_ROOT / task
@@ -79,7 +92,7 @@ def main() -> int:
         return 0
     if args.task is None or args.model is None:
         parser.error("--task and --model are required (or --refresh)")
-    answers = json.loads(args.answer_list.read_text()) if args.answer_list else None
+    answers = read_answer_list(args.answer_list) if args.answer_list else None
     output = args.output or BUNDLED_ROOT / args.task
     output.parent.mkdir(parents=True, exist_ok=True)
     path = export(args.task, args.model, output, answers, args.card)

@@ -285,10 +285,139 @@ def load_original_checkpoint(path_or_state_dict) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"An ALBEF checkpoint is a state dict or {{'model': state_dict}}, got {type(checkpoint).__name__}"
         )
+    where = "" if isinstance(path_or_state_dict, Mapping) else f"{os.fspath(path_or_state_dict)}: "
+    not_strings = [key for key in checkpoint if not isinstance(key, str)]
+    if not_strings:
+        raise ValueError(f"{where}not a state dict: these keys are not strings: {not_strings[:10]}")
     not_tensors = [key for key, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
     if not_tensors:
-        raise ValueError(f"Not a state dict: these entries are not tensors: {not_tensors[:10]}")
+        raise ValueError(f"{where}not a state dict: these entries are not tensors: {not_tensors[:10]}")
+    if not checkpoint:
+        raise ValueError(f"{where}the checkpoint holds no tensors")
+    not_finite = non_finite_keys(checkpoint)
+    if not_finite:
+        raise ValueError(
+            f"{where}{len(not_finite)} tensor(s) hold NaN or infinite values ({', '.join(not_finite[:5])}"
+            f"{', ...' if len(not_finite) > 5 else ''}): a diverged or corrupt checkpoint, refused"
+        )
     return dict(checkpoint)
+
+
+def non_finite_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of floating-point tensors holding a NaN or an infinity (meta tensors are not checked)."""
+    return [
+        key
+        for key, value in state_dict.items()
+        if value.is_floating_point() and not value.is_meta and not bool(torch.isfinite(value).all())
+    ]
+
+
+def load_config_file(path: str | os.PathLike) -> AlbefConfig:
+    """An `AlbefConfig` from a JSON file (or a model folder's `config.json`), with one-line errors that name the file
+    and say what is wrong: not found, not JSON, not an object, another model type, or a value the configuration
+    refuses (the validator's own reason, not its wrapper's)."""
+    import json
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"configuration file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a JSON text file") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno} column {error.colno}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object (an AlbefConfig), got a {type(data).__name__}")
+    model_type = data.get("model_type", AlbefConfig.model_type)
+    if model_type != AlbefConfig.model_type:
+        raise ValueError(f"{path} is the configuration of a {model_type!r} model, not an ALBEF ('albef') one")
+    problems = config_value_problems(data)
+    if problems:
+        raise ValueError(f"{path} is not a valid ALBEF configuration: {'; '.join(problems[:3])}")
+    try:
+        return AlbefConfig.from_dict(data)
+    except Exception as error:  # noqa: BLE001 - configuration validators raise anything; reported with the file
+        raise ValueError(f"{path} is not a valid ALBEF configuration: {config_error_reason(error)}") from error
+
+
+# Sizes and counts that must be >= 1, and fractions that must lie in [0, 1], per (sub-)configuration.
+_POSITIVE_FIELDS = {
+    None: ("embed_dim", "queue_size", "decoder_num_hidden_layers", "retrieval_k", "answer_rank_k"),
+    "text_config": (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "encoder_width",
+        "num_fused_images",
+    ),
+    "vision_config": (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "image_size",
+        "patch_size",
+        "num_channels",
+    ),
+}
+_FRACTION_FIELDS = ("momentum", "alpha", "mlm_probability", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def config_value_problems(data: Mapping) -> list[str]:
+    """What is wrong with the values of a configuration dict, one phrase each (empty when nothing is): a value of
+    another type than the field's default (a string for an integer, ...), a size below 1, a fraction outside
+    [0, 1], a temperature <= 0. Unknown fields are left to the configuration."""
+    defaults = AlbefConfig().to_dict()
+    problems = []
+
+    def check(values: Mapping, expected: Mapping, section: str | None):
+        prefix = f"{section}." if section else ""
+        for key, value in values.items():
+            default = expected.get(key)
+            name = f"{prefix}{key}"
+            if isinstance(default, bool):
+                if not isinstance(value, bool):
+                    problems.append(f"{name} must be true or false, got {value!r}")
+                continue
+            if isinstance(default, int) or (isinstance(default, float) and key not in ("temp",)):
+                numeric = (int,) if isinstance(default, int) and not isinstance(default, bool) else (int, float)
+                if isinstance(value, bool) or not isinstance(value, numeric):
+                    kind = "an integer" if numeric == (int,) else "a number"
+                    problems.append(f"{name} must be {kind}, got {value!r}")
+                    continue
+            if key in _POSITIVE_FIELDS[section] and value < 1:
+                problems.append(f"{name} must be at least 1, got {value!r}")
+            elif key in _FRACTION_FIELDS and isinstance(value, (int, float)) and not 0 <= value <= 1:
+                problems.append(f"{name} must be between 0 and 1, got {value!r}")
+            elif key == "temp" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                problems.append(f"{name} must be a number above 0, got {value!r}")
+
+    check({k: v for k, v in data.items() if k not in ("text_config", "vision_config")}, defaults, None)
+    for section in ("text_config", "vision_config"):
+        if isinstance(data.get(section), Mapping):
+            check(data[section], defaults[section], section)
+    return problems
+
+
+def config_error_reason(error: BaseException) -> str:
+    """The reason of a configuration error on one line. A strict-dataclass error's first line is only "Class
+    validation error for validator 'x':" / "Validation error for field 'y':": the wrapped cause is what says it."""
+    text = " ".join(str(error).split())
+    if type(error).__name__.startswith("StrictDataclass"):
+        where = re.match(r"(?:Class validation error for validator|Validation error for field) '([^']+)':\s*", text)
+        if where:
+            return f"{text[where.end() :]} (checked by {where.group(1)})"
+    return text or type(error).__name__
 
 
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -409,33 +538,40 @@ def config_from_state_dict(
     if image_size is None and fine_tuning:
         image_size = ALBEF_PRESETS[KIND_PRESETS[kind]]["vision_config"]["image_size"]
     text = "text_encoder.bert." if source_kind == "pretrain" else "text_encoder."
-    patch = sd["visual_encoder.patch_embed.proj.weight"].shape
-    vision_hidden = sd["visual_encoder.cls_token"].shape[-1]
-    text_hidden = sd[f"{text}embeddings.word_embeddings.weight"].shape[1]
-    grid = _grid_size(sd["visual_encoder.pos_embed"].shape[1], "visual_encoder.pos_embed")
-    vision_config = {
-        "hidden_size": vision_hidden,
-        "num_hidden_layers": len(_layer_indices(sd, "visual_encoder.blocks.")),
-        "num_attention_heads": max(1, vision_hidden // 64),
-        "intermediate_size": sd["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0],
-        "patch_size": patch[-1],
-        "num_channels": patch[1],
-        "image_size": image_size or grid * patch[-1],
-    }
-    num_layers = len(_layer_indices(sd, f"{text}encoder.layer."))
-    fusion_layer = min(_layer_indices(sd, f"{text}encoder.layer.", "crossattention."), default=num_layers)
-    if kind in ("nlvr", "text_assignment") and source_kind == "pretrain":
-        num_layers = fusion_layer + 2 * (num_layers - fusion_layer)
-    text_config = {
-        "vocab_size": sd[f"{text}embeddings.word_embeddings.weight"].shape[0],
-        "hidden_size": text_hidden,
-        "num_hidden_layers": num_layers,
-        "fusion_layer": fusion_layer,
-        "num_attention_heads": max(1, text_hidden // 64),
-        "intermediate_size": sd[f"{text}encoder.layer.0.intermediate.dense.weight"].shape[0],
-        "max_position_embeddings": sd[f"{text}embeddings.position_embeddings.weight"].shape[0],
-        "type_vocab_size": sd[f"{text}embeddings.token_type_embeddings.weight"].shape[0],
-    }
+    try:
+        patch = sd["visual_encoder.patch_embed.proj.weight"].shape
+        _check_image_size(image_size, patch[-1])
+        vision_hidden = sd["visual_encoder.cls_token"].shape[-1]
+        text_hidden = sd[f"{text}embeddings.word_embeddings.weight"].shape[1]
+        grid = _grid_size(sd["visual_encoder.pos_embed"].shape[1], "visual_encoder.pos_embed")
+        vision_config = {
+            "hidden_size": vision_hidden,
+            "num_hidden_layers": len(_layer_indices(sd, "visual_encoder.blocks.")),
+            "num_attention_heads": max(1, vision_hidden // 64),
+            "intermediate_size": sd["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0],
+            "patch_size": patch[-1],
+            "num_channels": patch[1],
+            "image_size": image_size if image_size is not None else grid * patch[-1],
+        }
+        num_layers = len(_layer_indices(sd, f"{text}encoder.layer."))
+        fusion_layer = min(_layer_indices(sd, f"{text}encoder.layer.", "crossattention."), default=num_layers)
+        if kind in ("nlvr", "text_assignment") and source_kind == "pretrain":
+            num_layers = fusion_layer + 2 * (num_layers - fusion_layer)
+        text_config = {
+            "vocab_size": sd[f"{text}embeddings.word_embeddings.weight"].shape[0],
+            "hidden_size": text_hidden,
+            "num_hidden_layers": num_layers,
+            "fusion_layer": fusion_layer,
+            "num_attention_heads": max(1, text_hidden // 64),
+            "intermediate_size": sd[f"{text}encoder.layer.0.intermediate.dense.weight"].shape[0],
+            "max_position_embeddings": sd[f"{text}embeddings.position_embeddings.weight"].shape[0],
+            "type_vocab_size": sd[f"{text}embeddings.token_type_embeddings.weight"].shape[0],
+        }
+    except (IndexError, KeyError) as error:
+        raise ValueError(
+            f"the checkpoint's tensors do not have the shapes of an original ALBEF {source_kind} model, so its sizes "
+            f"cannot be read ({type(error).__name__}: {error}); it is damaged, or pass a matching --config"
+        ) from None
     has_momentum = fine_tuning or any(_MOMENTUM_PART.match(key) for key in sd)
     derived = {"distill": bool(MOMENTUM_COMPONENTS[kind]) and has_momentum}
     if "vision_proj.weight" in sd:
@@ -449,7 +585,22 @@ def config_from_state_dict(
     text_config.update(overrides.pop("text_config", {}))
     settings = {**derived, **overrides, "vision_config": vision_config, "text_config": text_config}
     preset = KIND_PRESETS[kind]
-    return AlbefConfig.from_preset(preset, **settings) if preset else AlbefConfig(**settings)
+    try:
+        return AlbefConfig.from_preset(preset, **settings) if preset else AlbefConfig(**settings)
+    except Exception as error:  # noqa: BLE001 - configuration validators raise anything
+        raise ValueError(
+            f"the configuration read from the checkpoint's shapes is not valid: {config_error_reason(error)}"
+        ) from error
+
+
+def _check_image_size(image_size, patch_size: int) -> None:
+    """An explicit image size must be a whole number of patches (0 or a negative size is not "the default")."""
+    if image_size is None:
+        return
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of the checkpoint's patch size {patch_size}")
 
 
 # ----- transforms ---------------------------------------------------------------------------------------------------
@@ -699,11 +850,19 @@ def from_original(
     elif config_overrides:
         raise ValueError(f"pass either a config or config overrides, not both (got {sorted(config_overrides)})")
     elif image_size is not None:
+        _check_image_size(image_size, config.vision_config.patch_size)
         config = copy.deepcopy(config)
         config.vision_config.image_size = image_size
     model = model_class(config)
     # The model's config: a head may adjust it (pre-training always builds its momentum towers).
-    converted, report = convert_state_dict(state_dict, model.config, target_kind, source_kind)
+    try:
+        converted, report = convert_state_dict(state_dict, model.config, target_kind, source_kind)
+    except (RuntimeError, IndexError) as error:  # a transform met a tensor of the wrong shape
+        raise ValueError(
+            f"the checkpoint's tensors do not have the shapes of an original ALBEF {source_kind} model: "
+            f"{' '.join(str(error).split())}"
+        ) from error
+    _check_shapes(converted, model, report)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if unexpected:
         raise ValueError(f"The conversion produced keys {model_class.__name__} does not have: {unexpected}")
@@ -721,6 +880,23 @@ def from_original(
         model.momentum.copy_from(model)
     model.conversion_report = report
     return model.eval()
+
+
+def _check_shapes(converted: Mapping[str, torch.Tensor], model, report: ConversionReport) -> None:
+    """Every converted tensor has the shape of the model's tensor it loads into; otherwise a `ValueError` that names
+    the original keys and both shapes (instead of `load_state_dict`'s multi-line RuntimeError)."""
+    expected = model.state_dict()
+    wrong = [
+        f"{report.sources.get(key, key)} {tuple(tensor.shape)} -> {key} {tuple(expected[key].shape)}"
+        for key, tensor in converted.items()
+        if key in expected and tensor.shape != expected[key].shape
+    ]
+    if wrong:
+        raise ValueError(
+            f"{len(wrong)} checkpoint tensor(s) do not have the shape {type(model).__name__} expects (original key "
+            f"(shape) -> port key (expected shape)): {'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''}. The "
+            "checkpoint is damaged or the configuration does not match it"
+        )
 
 
 def vqa_init_from_pretraining(state_dict: Mapping[str, torch.Tensor], config: AlbefConfig):

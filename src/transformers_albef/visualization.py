@@ -250,10 +250,36 @@ class GroundingResult:
     figure: Image.Image
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.figure.save(path)
-        return path
+        """Write the picture (format from the suffix, PNG without one), all at once: it goes to a temporary sibling
+        that is renamed over `path`, so a failure (a full disk, an interrupt) leaves an earlier picture as it was."""
+        return save_image_atomically(self.figure, path)
+
+
+def save_image_atomically(picture: Image.Image, path: str | Path) -> Path:
+    """`picture.save(path)` through a temporary sibling and a rename; the temporary file never stays behind."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture_format = None
+    if path.suffix:
+        Image.init()
+        picture_format = Image.EXTENSION.get(path.suffix.lower())
+        if picture_format is None:
+            raise ValueError(f"cannot write {path}: unknown picture format {path.suffix!r} (use e.g. .png or .jpg)")
+    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.close(descriptor)
+    try:
+        picture.save(temp, format=picture_format or "PNG")
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(temp, 0o666 & ~mask)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def ground(

@@ -12,7 +12,7 @@ import shlex
 import sys
 from types import ModuleType
 
-from .common import CliError, one_line
+from .common import CliError, report_errors
 
 SUBCOMMANDS = ("demo", "retrieve", "evaluate", "vqa", "ground", "convert")
 
@@ -66,24 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
             _register_missing(subparsers, name)
         else:
             module.register(subparsers)
+    for subparser in subparsers.choices.values():  # `albef COMMAND ... --debug` works too
+        if "--debug" not in subparser._option_string_actions:
+            subparser.add_argument(
+                "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback of errors"
+            )
     return parser
 
 
 def run_command(func, args, prog: str, debug: bool = False) -> int:
-    """`func(args)` with user errors reported as one line on stderr (`<prog>: error: <reason>`) and a non-zero
-    status instead of a traceback."""
-    prefix = f"{prog}: " if prog else ""
-    try:
-        status = func(args)
-    except (CliError, ValueError, OSError) as error:
-        if debug:
-            raise
-        print(f"{prefix}error: {one_line(error)}", file=sys.stderr)
-        return error.status if isinstance(error, CliError) else 2
-    except KeyboardInterrupt:
-        print(f"{prefix}interrupted", file=sys.stderr)
-        return 130
-    return 0 if status is None else int(status)
+    """`func(args)` with every error reported as one line on stderr (`<prog>: error: <reason>`) and a non-zero status
+    instead of a traceback: user errors (`CliError`, `ValueError`, `OSError`: what was wrong and where) with status 2
+    (or the `CliError`'s), anything else with its type and status 1. `debug` (`--debug`, or `ALBEF_DEBUG=1` in the
+    environment) re-raises, for the traceback."""
+    return report_errors(lambda: func(args), prog, debug=debug)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,4 +92,4 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args.func, args, prog=f"albef {args.command}", debug=args.debug)
 
 
-__all__ = ["SUBCOMMANDS", "CliError", "build_parser", "main", "run_command"]
+__all__ = ["SUBCOMMANDS", "CliError", "build_parser", "main", "report_errors", "run_command"]

@@ -14,6 +14,7 @@ the configuration, saves, verifies and reports.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
@@ -24,11 +25,17 @@ import transformers
 from transformers import AutoConfig, BertTokenizer
 
 import transformers_albef as ta
-from transformers_albef.conversion import detect_kind, load_original_checkpoint
-from transformers_albef.hub import HubPushError
+from transformers_albef.conversion import detect_kind, load_config_file, load_original_checkpoint
+from transformers_albef.hub import (
+    HubPushError,
+    OutputFolderError,
+    atomic_folder,
+    check_output_folder,
+    write_hub_folder,
+)
 from transformers_albef.model_card import CARDS_BY_NAME, build_model_card, card_for_checkpoint
 
-from .common import CliError, one_line
+from .common import CliError, one_line, positive_int
 
 # Target kind -> head. The checkpoint's own kind is the default target.
 HEADS = {
@@ -64,12 +71,35 @@ def step(message: str):
 
 
 def load_tokenizer(name_or_path: str | None) -> BertTokenizer:
-    """The bundled bert-base-uncased vocabulary by default; a vocab.txt, a tokenizer folder or a Hub name otherwise."""
-    if name_or_path is None:
-        return BertTokenizer(vocab=str(ta.models.albef.processing_albef.BERT_VOCAB), model_max_length=512)
-    if Path(name_or_path).is_file():
-        return BertTokenizer(vocab=name_or_path, model_max_length=512)
-    return BertTokenizer.from_pretrained(name_or_path)
+    """The bundled bert-base-uncased vocabulary by default; a vocab.txt, a tokenizer folder or a Hub name otherwise.
+    A source that gives no vocabulary (only special tokens) is an error naming it."""
+    try:
+        if name_or_path is None:
+            return BertTokenizer(vocab=str(ta.models.albef.processing_albef.BERT_VOCAB), model_max_length=512)
+        if Path(name_or_path).is_file():
+            tokenizer = BertTokenizer(vocab=name_or_path, model_max_length=512)
+        else:
+            tokenizer = BertTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise CliError(
+            f"--tokenizer {name_or_path}: cannot load a WordPiece vocabulary from it ({one_line(error)})"
+        ) from None
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        raise CliError(f"--tokenizer {name_or_path}: no vocabulary found there (only {len(tokenizer)} special tokens)")
+    return tokenizer
+
+
+def check_tokenizer(tokenizer, model) -> None:
+    """The vocabulary must cover the model's: a smaller one leaves word embeddings unreachable and means another
+    vocabulary (refused); a larger one gives ids the model does not have (said)."""
+    words, vocab_size = len(tokenizer), model.config.text_config.vocab_size
+    if words < vocab_size:
+        raise CliError(
+            f"the tokenizer has {words} tokens but the model's vocabulary has {vocab_size} (text_config.vocab_size): "
+            "pass the checkpoint's own vocabulary with --tokenizer"
+        )
+    if words > vocab_size:
+        print(f"note: the tokenizer has {words} tokens, the model {vocab_size}: ids >= {vocab_size} are out of range")
 
 
 def probe_inputs(model):
@@ -118,6 +148,9 @@ def verify_reload(model, folder: Path) -> float:
             assert type(loaded) is expected, f"{name} gave {type(loaded).__name__}, expected {expected.__name__}"
     reloaded = type(model).from_pretrained(folder, attn_implementation=model.config._attn_implementation).eval()
     want, got = probe(model), probe(reloaded)
+    not_finite = [name for name in want if not (torch.isfinite(want[name]).all() and torch.isfinite(got[name]).all())]
+    if not_finite:
+        return float("nan")  # the check must fail, not compare NaN with NaN
     return max(float((want[name] - got[name]).abs().max()) for name in want)
 
 
@@ -174,7 +207,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted([*HEADS, *KIND_OVERRIDES]),
         help="target head (default: the checkpoint's own kind); e.g. a pre-training checkpoint into vqa",
     )
-    parser.add_argument("--image-size", type=int, help="resolution to convert to (position embeddings interpolated)")
+    parser.add_argument(
+        "--image-size",
+        type=positive_int,
+        help="resolution to convert to, a multiple of the patch size (position embeddings interpolated)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output-dir when it holds a model folder this tool wrote (never a folder with other files)",
+    )
     parser.add_argument(
         "--tokenizer", help="vocab.txt, tokenizer folder or Hub name (default: bundled bert-base-uncased)"
     )
@@ -217,7 +259,7 @@ def convert(args) -> tuple[object, object]:
         overrides["distill"] = False
     config = None
     if args.config:
-        config = ta.AlbefConfig.from_json_file(args.config)
+        config = load_config_file(args.config)
         config.update(overrides)
         overrides = {}
     with step(f"converting a {source_kind} checkpoint into {HEADS[kind].__name__}"):
@@ -228,22 +270,42 @@ def convert(args) -> tuple[object, object]:
 
 def run(args) -> int:
     """Convert, save, verify the reload, optionally compare with the original code and push. User errors raise
-    `CliError` (status 2; 1 when the saved folder does not reproduce the model, 3 when the push fails)."""
+    `CliError` (status 2; 1 when the saved folder does not reproduce the model, 3 when the push fails).
+
+    The folder is written next to `--output-dir` and renamed into place only once the reload check passed: a failure
+    at any point (an error, an interrupt, a full disk) leaves `--output-dir` as it was. A non-empty `--output-dir` is
+    refused unless `--overwrite`, which replaces only a model folder this tool wrote."""
+    try:
+        check_output_folder(args.output_dir, args.overwrite, what="--output-dir")
+    except OutputFolderError as error:
+        raise CliError(str(error)) from None
     try:
         model, state_dict = convert(args)
         tokenizer = load_tokenizer(args.tokenizer)
     except (ValueError, OSError) as error:
         raise CliError(one_line(error)) from None
+    check_tokenizer(tokenizer, model)
     processor = ta.AlbefProcessor(ta.AlbefImageProcessor(size=model.config.vision_config.image_size), tokenizer)
     card = build_card(args, model, getattr(args, "command_line", None) or "albef convert ...")
 
-    with step(f"writing {args.output_dir}"):
-        ta.hub.save_for_hub(model, processor, args.output_dir, card=card)
-    with step("reloading the folder with the Auto classes"):
-        diff = verify_reload(model, args.output_dir)
-    print(f"reload check: max abs diff {diff:.3g} (tolerance {RELOAD_TOLERANCE})")
-    if diff > RELOAD_TOLERANCE:
-        raise CliError("the saved folder does not reproduce the converted model", status=1)
+    try:
+        with atomic_folder(args.output_dir, overwrite=args.overwrite, what="--output-dir") as staging:
+            with step(f"writing {args.output_dir}"):
+                write_hub_folder(model, processor, staging, card=card)
+            with step("reloading the folder with the Auto classes"):
+                diff = verify_reload(model, staging)
+            print(f"reload check: max abs diff {diff:.3g} (tolerance {RELOAD_TOLERANCE})")
+            if not diff <= RELOAD_TOLERANCE:  # NaN included
+                what = (
+                    "the converted model computes NaN or infinite outputs"
+                    if math.isnan(diff)
+                    else f"the saved folder does not reproduce the converted model (max abs diff {diff:.3g})"
+                )
+                raise CliError(f"{what}; {args.output_dir} was left as it was", status=1)
+    except OutputFolderError as error:
+        raise CliError(str(error)) from None
+    except OSError as error:
+        raise CliError(f"cannot write {args.output_dir}: {one_line(error)}; it was left as it was") from None
     if args.original_repo:
         print("\n".join(compare_with_original(args.original_repo, model, state_dict)))
     if args.push_to_hub:

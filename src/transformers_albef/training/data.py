@@ -276,6 +276,22 @@ def _generate_pairs(shards, numbered_by_file: bool, skipped: SkippedRecords | No
         yield from iter_image_text_pairs(annotation, root, key, skipped, check_files, first)
 
 
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_num_workers(upper: int = 4) -> int:
+    """DataLoader workers that fit the machine: at most `upper` (the original's 4), and no more than the cores each
+    of the processes launched on this node has left besides itself (torchrun / accelerate set LOCAL_WORLD_SIZE):
+    1 on a 2-core machine, 0 on one core."""
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(upper, available_cpus() // processes - 1))
+
+
 def open_image(image: Any, index: Any = None, source: Any = None) -> PIL.Image.Image:
     """
     Opens one image as RGB: a PIL image, a path, or a `datasets` image dict (`{"path", "bytes"}`). A missing
@@ -307,6 +323,8 @@ __all__ = [
     "PAIR_FEATURES",
     "BadRecordError",
     "SkippedRecords",
+    "available_cpus",
+    "default_num_workers",
     "load_image_text_pairs",
     "open_image",
     "read_records",

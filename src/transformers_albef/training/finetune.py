@@ -11,7 +11,15 @@ python -m transformers_albef.training.finetune --task nlvr --config tiny.json --
 ```
 
 Every `TrainingArguments` flag is accepted (`--bf16`, `--gradient_accumulation_steps`, `--report_to`, ...); the task's
-original values are only defaults. The recipe (per process, as the original's per-GPU batch sizes):
+original values are only defaults, and an explicit option always wins, with what it needs (`--save_steps N` saves every
+N steps although the recipe saves per epoch; `--eval_steps N` evaluates every N steps; `--lr_scheduler_type` replaces
+the recipe's cosine unless `--lr_schedule` is given too). `--help` shows the recipe's values (per task without
+`--task`). Data-loader workers default to what the machine's cores allow (at most the original's 4). Image paths are
+joined to `--image_root` (`--vg_root` for Visual Genome records), or used as they are when absolute. Errors are one
+line (`albef-finetune: error: ...`); `ALBEF_DEBUG=1` shows the traceback. `accelerate launch --cpu --num_processes N`
+(one process) is refused; on CPU use `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu`.
+
+The recipe (per process, as the original's per-GPU batch sizes):
 
 | task | lr | epochs | batch train / eval | lr warm-up steps | alpha warm-up | k_test |
 |---|---|---|---|---|---|---|
@@ -51,6 +59,8 @@ from ..models.albef.modeling_albef import (
 )
 from ..models.albef.processing_albef import AlbefProcessor
 from .callbacks import AlphaWarmupCallback
+from .data import default_num_workers
+from .launch import check_launch
 from .metrics import accuracy_from_logits
 from .trainer import AlbefTrainer, RetrievalEvaluator, VQAEvaluator
 
@@ -111,7 +121,8 @@ def recipe_training_defaults(recipe: TaskRecipe) -> dict:
         "max_grad_norm": 0.0,  # the original does not clip gradients
         "dataloader_drop_last": True,  # the original's train loaders drop the last batch; evaluation never does
         "remove_unused_columns": False,  # collators read raw columns (images, captions)
-        "dataloader_num_workers": 4,  # as the original loaders: decoding and augmentation run beside the GPU
+        # The original loaders' 4 workers (decoding and augmentation beside the GPU), as many as the cores allow.
+        "dataloader_num_workers": default_num_workers(),
         "eval_strategy": "epoch" if recipe.evaluate_every_epoch else "no",
         "save_strategy": "epoch",
         "logging_steps": 50,
@@ -203,14 +214,17 @@ def build_trainer(
         data_collator = data_collator or train_collator
         eval_data_collator = eval_data_collator or eval_collator
 
+    if k_test is not None and (isinstance(k_test, bool) or not isinstance(k_test, int) or k_test < 1):
+        raise ValueError(f"k_test must be a positive integer, got {k_test!r}")  # 0 is not "the recipe's"
+    k_test = recipe.k_test if k_test is None else k_test
     evaluator, compute_metrics = None, None
     if task == "retrieval":
-        evaluator = RetrievalEvaluator(processor, k_test or recipe.k_test)
+        evaluator = RetrievalEvaluator(processor, k_test)
     elif task == "vqa":
         if eval_dataset is not None:
             if not answer_list:
                 raise ValueError("VQA evaluation ranks an answer list: pass answer_list")
-            evaluator = VQAEvaluator(processor, answer_list, k_test or recipe.k_test, result_dir=vqa_result_dir)
+            evaluator = VQAEvaluator(processor, answer_list, k_test, result_dir=vqa_result_dir)
     else:
         compute_metrics = accuracy_from_logits
 
@@ -287,10 +301,30 @@ class FinetuneArguments:
         default=True, metadata={"help": "random crop/flip/RandAugment on training images (--no_augment: resize only)"}
     )
 
+    def __post_init__(self):
+        # An explicit 0 is never "the default".
+        if self.k_test is not None and self.k_test < 1:
+            raise ValueError(f"--k_test must be at least 1, got {self.k_test}")
+        if self.alpha is not None and not 0 <= self.alpha <= 1:
+            raise ValueError(f"--alpha must be between 0 and 1, got {self.alpha}")
+        for name in ("image_root", "vg_root"):
+            folder = getattr(self, name)
+            if folder is not None and not Path(folder).is_dir():
+                raise ValueError(f"--{name} {folder}: not a folder")
+        for name in ("config", "answer_list"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).exists():
+                raise ValueError(f"--{name} {value}: file not found")
+        for path in [*(self.train_data or []), *([self.eval_data] if self.eval_data else [])]:
+            if not Path(path).is_file():
+                raise ValueError(f"annotation file not found: {path}")
+
 
 def load_model(model_class, model: str | None = None, config: str | None = None):
     """A `model_class` from a folder / Hub id, an original checkpoint file, a preset name, or a config JSON."""
-    config_obj = AlbefConfig.from_json_file(config) if config else None
+    from ..conversion import load_config_file
+
+    config_obj = load_config_file(config) if config else None
     if model is None:
         if config_obj is None:
             raise ValueError("pass --model (folder, checkpoint or preset) or --config (random weights)")
@@ -299,6 +333,8 @@ def load_model(model_class, model: str | None = None, config: str | None = None)
         return model_class(config_obj or AlbefConfig.from_preset(model))
     if Path(model).is_file():
         return model_class.from_original(model, config=config_obj)
+    if Path(model).is_dir() and config_obj is None:
+        config_obj = load_config_file(model)  # a broken config.json is named, not a traceback
     if model_class is AlbefForQuestionAnswering and _is_pretraining_folder(model):
         return _vqa_from_pretraining(model)
     kwargs = {"config": config_obj} if config_obj is not None else {}
@@ -351,6 +387,26 @@ def load_processor(processor: str | None, model: str | None, image_size: int) ->
     return AlbefProcessor.from_bert_vocab(image_size=image_size)
 
 
+def check_processor(processor: AlbefProcessor, config: AlbefConfig, source: str | None = None) -> None:
+    """The processor must fit the model: a vocabulary of another size (missing tokenizer files leave only the special
+    tokens; another vocabulary maps words to the wrong embeddings or to ids out of range) or another image size would
+    train without a word, wrongly. `ValueError` naming `source`."""
+    where = f"{source}: " if source else ""
+    words, vocab_size = len(processor.tokenizer), config.text_config.vocab_size
+    if words != vocab_size:
+        raise ValueError(
+            f"{where}the tokenizer has {words} tokens but the model's vocabulary (text_config.vocab_size) has "
+            f"{vocab_size}; pass the model's own processor with --processor"
+        )
+    size = getattr(processor.image_processor, "size", None)
+    height = getattr(size, "height", None)
+    if height is not None and (height, size.width) != (config.vision_config.image_size,) * 2:
+        raise ValueError(
+            f"{where}the image processor resizes to {height}x{size.width} but the model takes "
+            f"{config.vision_config.image_size} px images"
+        )
+
+
 def load_task_data(task: str, files: str | list[str], image_root: str | None, train: bool, vg_root: str | None = None):
     """A task's `datasets.Dataset` from original annotation files (`task_data.load_task_dataset`)."""
     from .task_data import load_task_dataset
@@ -359,25 +415,112 @@ def load_task_data(task: str, files: str | list[str], image_root: str | None, tr
     return load_task_dataset(task, files, image_root=image_root, train=train, **kwargs)
 
 
+class _PerTask:
+    """A help-text default that depends on --task: "per --task: retrieval 1e-05 (flickr: 1e-05), vqa 2e-05, ..."."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __str__(self) -> str:
+        values = {name: recipe_training_defaults(recipe)[self.key] for name, recipe in RECIPES.items()}
+        if self.key == "dataloader_num_workers":
+            return f"{next(iter(values.values()))} (the original's 4, as many as this machine's cores allow)"
+        if len(set(map(repr, values.values()))) == 1:
+            return f"{next(iter(values.values()))} (the original recipe, every --task)"
+        shown = []
+        for task in TASKS:
+            if task == "retrieval":
+                coco, flickr = values["retrieval_coco"], values["retrieval_flickr"]
+                shown.append(f"retrieval {coco}" + ("" if coco == flickr else f" (flickr {flickr})"))
+            else:
+                shown.append(f"{task} {values[task]}")
+        return "per --task: " + ", ".join(shown)
+
+
+# An explicit option that only takes effect with another one: what that one becomes unless it is given too (the
+# recipe's epoch strategies would otherwise silently ignore --save_steps / --eval_steps).
+IMPLIED_OPTIONS = {
+    "save_steps": ("save_strategy", "steps"),
+    "eval_steps": ("eval_strategy", "steps"),
+    "logging_steps": ("logging_strategy", "steps"),
+}
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations the command line sets itself (`--name`, `--name=value`, `--no_name`, unique prefixes)."""
+    actions = parser._option_string_actions
+    found = set()
+    for token in argv:
+        if token == "--":
+            break
+        if not token.startswith("--"):
+            continue
+        option = token.split("=", 1)[0]
+        if option in actions:
+            found.add(actions[option].dest)
+            continue
+        prefixed = {action.dest for name, action in actions.items() if name.startswith(option)}
+        if len(prefixed) == 1:  # argparse accepts unique prefixes
+            found |= prefixed
+    return found
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[FinetuneArguments, TrainingArguments]:
+    """`(FinetuneArguments, TrainingArguments)` of a command line. The task's recipe gives the defaults, which an
+    explicit option always overrides, including through the options it needs: `--save_steps N` saves every N steps
+    (the recipe saves per epoch), `--eval_steps N` evaluates every N steps, `--lr_scheduler_type` is used (instead of
+    the recipe's cosine) unless `--lr_schedule` says otherwise. `--help` shows the recipe's values (per task without
+    `--task`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # The task decides the defaults of the Trainer arguments: read it first.
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--task", choices=TASKS)
     pre.add_argument("--retrieval_set", "--retrieval-set", default="coco")
     known, _ = pre.parse_known_args(argv)
-    parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
+    parser = HfArgumentParser(
+        (FinetuneArguments, TrainingArguments),
+        prog="albef-finetune",
+        description=__doc__.split("\n\n")[0],
+        epilog="Defaults marked 'per --task' are the original recipe's; `--task TASK --help` shows that task's. "
+        "Errors are printed as one line; ALBEF_DEBUG=1 shows the traceback.",
+    )
+    recipe_keys = recipe_training_defaults(RECIPES["vqa"])
     if known.task is not None:
         parser.set_defaults(**recipe_training_defaults(recipe_for(known.task, known.retrieval_set)))
+    else:  # only shown by --help: --task is required to run
+        parser.set_defaults(**{key: _PerTask(key) for key in recipe_keys})
+    explicit = explicit_options(parser, argv)
+    implied = {
+        target: value
+        for given, (target, value) in IMPLIED_OPTIONS.items()
+        if given in explicit and target not in explicit
+    }
+    if {"lr_scheduler_type", "lr_scheduler_kwargs"} & explicit:
+        if "lr_schedule" not in explicit:
+            implied["lr_schedule"] = "trainer"
+        elif _lr_schedule_given(argv) != "trainer":
+            raise ValueError(
+                "--lr_scheduler_type / --lr_scheduler_kwargs choose Trainer's schedule, but --lr_schedule "
+                f"{_lr_schedule_given(argv)} asks for ALBEF's: pass --lr_schedule trainer, or drop one of them"
+            )
+    parser.set_defaults(**implied)
     return parser.parse_args_into_dataclasses(argv)
+
+
+def _lr_schedule_given(argv: list[str]) -> str | None:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--lr_schedule", "--lr-schedule")
+    return pre.parse_known_args(argv)[0].lr_schedule
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Fine-tune and/or evaluate as the command line says; returns the final metrics."""
     ft, args = parse_args(argv)
+    check_launch("transformers_albef.training.finetune")
     recipe = recipe_for(ft.task, ft.retrieval_set)
     model = load_model(recipe.model_class, ft.model, ft.config)
     processor = load_processor(ft.processor, ft.model, model.config.vision_config.image_size)
+    check_processor(processor, model.config, ft.processor or ft.model)
     train_dataset, eval_dataset = None, None
     if ft.train_data:
         train_dataset = load_task_data(ft.task, ft.train_data, ft.image_root, True, ft.vg_root)
@@ -424,11 +567,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
-def console_main() -> int:
-    """The `albef-finetune` console script (exit status 0; the metrics are in `all_results.json`)."""
-    main()
-    return 0
+def console_main(argv: list[str] | None = None) -> int:
+    """The `albef-finetune` console script (exit status 0; the metrics are in `all_results.json`). Errors are
+    printed as one line (`albef-finetune: error: ...`, status 2 for a user error, 1 otherwise); `ALBEF_DEBUG=1` shows
+    the traceback instead."""
+    from ..cli.common import report_errors
+
+    def run() -> int:
+        main(argv)
+        return 0
+
+    return report_errors(run, prog="albef-finetune")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(console_main())

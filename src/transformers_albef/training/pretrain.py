@@ -28,12 +28,18 @@ What a run does:
   every process and the data position (map-style data: the consumed batches of the epoch are skipped without being
   loaded; streaming: they are read again and dropped). With the same number of processes and batch size, a resumed
   run continues exactly as the uninterrupted one would have (tested on CPU with 2 processes: the same batches,
-  losses, queues and weights).
+  losses, queues and weights). Resuming never runs code from the folder: the progress is JSON and every torch file
+  is read with `weights_only=True` (a file that needs more is refused, naming it).
+- errors: one line on stderr (`albef-pretrain: error: ...`, what, where, what was expected), exit status 2 for a
+  user error; `ALBEF_DEBUG=1` shows the traceback. Explicit values are checked (`--image-size 0` is an error, not
+  the default).
 - logging: a tqdm bar on the main process; loss, loss_itc/itm/mlm (means over processes and micro-batches), lr,
   alpha and temp every `--logging-steps` to accelerate trackers (`--report-to`, default `jsonl`:
   `<output>/logs/metrics.jsonl`, offline, no extra dependency; `tensorboard`, `wandb`, ... when installed); a
   summary at the end (printed and `summary.json`: steps, samples, wall time, samples/s, last losses) and the final
-  model (`<output>/final`: `save_pretrained` of the model, momentum towers and queues included, and the processor).
+  model (`<output>/final`: `save_pretrained` of the model, momentum towers and queues included, and the processor;
+  written to `.tmp-final` and renamed into place, and an existing `final` is replaced only if it is a model folder
+  this tool wrote, checked before training starts).
 - weights: random by default (the model's init); `--vision-init` loads a timm/DeiT ViT state dict (the original
   starts from DeiT-B/16, `deit_base_patch16_224`), position embeddings interpolated to the image size (14x14 ->
   16x16 at 256 px); `--text-init` loads an HF BERT folder (bert-base-uncased) into the text tower: embeddings,
@@ -49,8 +55,10 @@ Distributed training (the momentum towers and queues are parameters and buffers 
   would otherwise send both queues (2 x 256 x 65536 floats) every step for nothing. As in the original, a rank's ITC
   positives and in-batch negatives are its local batch and other ranks' features of the step arrive only through
   the queue (no gradient-carrying gather), so losses differ from a 1-process run at the global batch size while
-  the queue contents do not. On CPU launch with `torchrun` (accelerate is switched to its CPU mode here;
-  `accelerate launch --cpu --num_processes 2` runs a single process).
+  the queue contents do not. On CPU launch with `torchrun --nproc_per_node N` or `accelerate launch --multi_gpu
+  --num_processes N` (gloo; accelerate is switched to its CPU mode here). `accelerate launch --cpu --num_processes N`
+  starts a single process, so it is refused with those commands instead of silently training alone.
+  `--num-workers` defaults to what the cores allow (at most 4 per process).
 - DeepSpeed ZeRO-1/2: parameters stay whole on every rank, so the EMA and the queues behave as under DDP. Not
   tested here.
 - DeepSpeed ZeRO-3: not supported. Parameters are sharded placeholders outside forward, so `momentum.update` (one
@@ -79,7 +87,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import HfArgumentParser
 
-from ..models.albef.configuration_albef import AlbefConfig
+from ..models.albef.configuration_albef import ALBEF_PRESETS, AlbefConfig
 from ..models.albef.modeling_albef import AlbefForPreTraining
 from ..models.albef.processing_albef import AlbefProcessor
 from .checkpointing import (
@@ -91,6 +99,7 @@ from .checkpointing import (
     remove_partial_checkpoints,
     save_checkpoint,
 )
+from .launch import check_launch
 from .optim import SCHEDULES, AlbefLRSchedule, create_optimizer, create_scheduler
 
 
@@ -150,7 +159,10 @@ class PretrainingArguments:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     cpu: bool = field(default=False, metadata={"help": "Train on CPU (multi-process: gloo), even with a GPU."})
     attn_implementation: str | None = field(default=None, metadata={"help": "eager, sdpa, flex_attention, ..."})
-    num_workers: int = field(default=4, metadata={"help": "DataLoader worker processes."})
+    num_workers: int | None = field(
+        default=None,
+        metadata={"help": "DataLoader worker processes (default: what fits the machine's cores, at most 4)."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed (process i trains with seed + i, as the original)."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N optimiser steps."})
     report_to: list[str] = field(
@@ -172,18 +184,51 @@ class PretrainingArguments:
             raise ValueError("--output-dir is required")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"--lr-schedule must be one of {SCHEDULES}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError("--max-steps must be >= 1")
+        # 0 is never "the default": every explicit value is checked.
+        at_least = {
+            "max_steps": 1,
+            "image_size": 1,
+            "queue_size": 1,
+            "alpha_warmup_steps": 0,
+            "max_length": 2,
+            "batch_size": 1,
+            "gradient_accumulation_steps": 1,
+            "epochs": 1,
+            "steps_per_epoch": 1,
+            "warmup_steps": 0,
+            "num_workers": 0,
+            "logging_steps": 1,
+            "save_steps": 0,
+            "save_total_limit": 0,
+        }
+        for name, lowest in at_least.items():
+            value = getattr(self, name)
+            if value is not None and value < lowest:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least {lowest}, got {value}")
+        for name in ("momentum", "alpha"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"--{name} must be between 0 and 1, got {value}")
+        for name in ("lr", "min_lr", "warmup_lr"):
+            if not getattr(self, name) >= 0:  # NaN included; 0 freezes the weights (used to test the queues)
+                raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.weight_decay < 0 or (self.max_grad_norm is not None and self.max_grad_norm < 0):
+            raise ValueError("--weight-decay and --max-grad-norm must not be negative")
+        if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
+            raise ValueError(f"--resume {self.resume}: expected auto, never, or a checkpoint folder (not found)")
 
 
 # ----- configuration and weights ------------------------------------------------------------------------------------
 def build_config(args: PretrainingArguments) -> AlbefConfig:
     if args.config:
-        path = Path(args.config)
-        config = AlbefConfig.from_pretrained(path) if path.is_dir() else AlbefConfig.from_json_file(path)
+        from ..conversion import load_config_file
+
+        config = load_config_file(args.config)
     else:
+        if args.preset not in ALBEF_PRESETS:
+            raise ValueError(f"--preset {args.preset!r}: expected one of {sorted(ALBEF_PRESETS)}")
         config = AlbefConfig.from_preset(args.preset)
-    if args.image_size:
+    if args.image_size is not None:
         config.vision_config.image_size = args.image_size
         if args.image_size % config.vision_config.patch_size:
             raise ValueError(
@@ -484,6 +529,7 @@ def pretrain(
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
 
+    check_launch("transformers_albef.training.pretrain")
     output_dir = Path(args.output_dir)
     resume_from = _resume_path(args, output_dir)
     launched_processes = int(os.environ.get("WORLD_SIZE", "1"))
@@ -526,13 +572,15 @@ def pretrain(
         collate_fn = build_collator(args, processor, config)
     streaming = isinstance(dataset, torch.utils.data.IterableDataset)
     collator = SeededCollator(collate_fn, args.seed, accelerator.process_index)
+    from .data import default_num_workers
+
     loader = DataLoader(
         dataset if streaming else IndexedDataset(dataset),
         batch_size=args.batch_size,
         shuffle=not streaming,
         drop_last=True,  # every forward feeds the queue a full global batch
         collate_fn=collator,
-        num_workers=args.num_workers,
+        num_workers=args.num_workers if args.num_workers is not None else default_num_workers(),
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG out of iterator creation
     )
@@ -571,7 +619,6 @@ def pretrain(
     )
     scheduler = accelerator.prepare(create_scheduler(optimizer.optimizer, schedule))
     progress = TrainingProgress(global_batch_size=args.batch_size * accelerator.num_processes)
-    accelerator.register_for_checkpointing(progress)
     if resume_from is not None:
         _resume(accelerator, resume_from, progress)
 
@@ -586,7 +633,9 @@ def pretrain(
     def checkpoint():
         nonlocal last_saved
         if last_saved != progress.step:
-            save_checkpoint(accelerator, output_dir, progress.step, args.save_total_limit, _marker(args))
+            save_checkpoint(
+                accelerator, output_dir, progress.step, args.save_total_limit, _marker(args), progress=progress
+            )
             last_saved = progress.step
 
     while progress.step < total_steps:
@@ -668,15 +717,9 @@ def pretrain(
     if torch.cuda.is_available():
         summary["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if args.save_final_model:
-        final_dir = output_dir / "final"
-        unwrapped.save_pretrained(
-            final_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save
-        )
-        if accelerator.is_main_process:
-            processor.save_pretrained(final_dir)
-        summary["final_model"] = str(final_dir)
+        summary["final_model"] = str(_save_final_model(unwrapped, processor, output_dir, accelerator))
     if accelerator.is_main_process:
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        _write_text_atomically(output_dir / "summary.json", json.dumps(summary, indent=1))
         accelerator.print(_format_summary(summary))
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -695,11 +738,59 @@ def _resume_path(args: PretrainingArguments, output_dir: Path) -> Path | None:
     return Path(args.resume)
 
 
+FINAL = "final"
+FINAL_STAGING = ".tmp-final"
+
+
+def _save_final_model(model, processor, output_dir: Path, accelerator) -> Path:
+    """`<output>/final` (save_pretrained of the model and the processor), written into `.tmp-final` by every process
+    and renamed into place by the main one: an error, an interrupt or a full disk leaves the previous `final` as it
+    was (and no temporary folder)."""
+    from ..hub import replace_folder
+
+    final, staging = output_dir / FINAL, output_dir / FINAL_STAGING
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        model.save_pretrained(staging, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+        if accelerator.is_main_process:
+            processor.save_pretrained(staging)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            replace_folder(staging, final)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temp.write_text(text)
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
 def _prepare_output_dir(args: PretrainingArguments, output_dir: Path, accelerator):
     if accelerator.is_main_process:
+        if output_dir.exists() and not output_dir.is_dir():
+            raise ValueError(f"--output-dir {output_dir} exists and is not a folder")
         output_dir.mkdir(parents=True, exist_ok=True)
         for path in remove_partial_checkpoints(output_dir):
             accelerator.print(f"Removed {path}: a partial checkpoint left by an interrupted save")
+        shutil.rmtree(output_dir / FINAL_STAGING, ignore_errors=True)
+        final = output_dir / FINAL
+        if args.save_final_model and final.exists():
+            # Checked now, not after hours of training: only a model folder this tool wrote is replaced.
+            from ..hub import check_output_folder
+
+            check_output_folder(final, overwrite=True, what="the final-model folder")
         existing = list_checkpoints(output_dir)
         if args.resume == "never" and existing:
             if not args.overwrite_output_dir:
@@ -714,7 +805,7 @@ def _prepare_output_dir(args: PretrainingArguments, output_dir: Path, accelerato
 
 def _resume(accelerator, path: Path, progress: TrainingProgress):
     global_batch = progress.global_batch_size
-    marker = load_checkpoint(accelerator, path)
+    marker = load_checkpoint(accelerator, path, progress=progress)
     if marker.get("num_processes") != accelerator.num_processes:
         accelerator.print(
             f"Warning: {path} was saved by {marker.get('num_processes')} processes, this run has "
@@ -798,9 +889,15 @@ def parse_args(argv: list[str] | None = None) -> PretrainingArguments:
 
 def main(argv: list[str] | None = None) -> int:
     """The `albef-pretrain` command: parse the arguments and run `pretrain` (the summary is printed and written to
-    `<output>/summary.json`)."""
-    pretrain(parse_args(argv))
-    return 0
+    `<output>/summary.json`). Errors are printed as one line (`albef-pretrain: error: ...`, exit status 2 for a
+    user error, 1 otherwise); `ALBEF_DEBUG=1` shows the traceback instead."""
+    from ..cli.common import report_errors
+
+    def run() -> int:
+        pretrain(parse_args(argv))
+        return 0
+
+    return report_errors(run, prog="albef-pretrain")
 
 
 if __name__ == "__main__":

@@ -85,8 +85,32 @@ def _field(record: dict, name: str, index: int, source: Any, path: Any = None) -
     return record[name]
 
 
-def _image(record: dict, key: str, root, index: int, source: Any, check_files: bool, suffix: str = "") -> str:
-    path = resolve_image_path(_field(record, key, index, source), root, index, source) + suffix
+def _resolve(image: Any, root, index: int, source: Any, root_option: str = "--image_root") -> str:
+    """The image path of a record: joined to `root`, or used as is when it is absolute. A relative path without a
+    root is an error naming the option that gives one (`root_option`)."""
+    path = resolve_image_path(image, root, index, source)
+    if root is None and not os.path.isabs(path):
+        raise BadRecordError(
+            f"the image path {image!r} is relative, but no image folder was given to join it to ({root_option}); "
+            "pass it, or write absolute paths",
+            index,
+            None,
+            source,
+        )
+    return path
+
+
+def _image(
+    record: dict,
+    key: str,
+    root,
+    index: int,
+    source: Any,
+    check_files: bool,
+    suffix: str = "",
+    root_option: str = "--image_root",
+) -> str:
+    path = _resolve(_field(record, key, index, source), root, index, source, root_option) + suffix
     if check_files:
         check_image_file(path, index, source)
     return path
@@ -254,9 +278,8 @@ def load_vqa(
         dataset = record.get("dataset", "vqa")
         if dataset not in roots:
             raise BadRecordError(f"dataset must be 'vqa' or 'vg', got {dataset!r}", index, None, source)
-        if roots[dataset] is None:
-            raise BadRecordError("a 'vg' record needs vg_root", index, None, source)
-        path = _image(record, "image", roots[dataset], index, source, check_files)
+        option = "--vg_root (vg_root=)" if dataset == "vg" else "--image_root (vqa_root=)"
+        path = _image(record, "image", roots[dataset], index, source, check_files, root_option=option)
         question = _field(record, "question", index, source, path)
         question = check_text(question, "question", index, path, source, cleaner=pre_question)
         question_id = record.get("question_id", -1)
@@ -291,11 +314,17 @@ def load_vqa(
 
 
 def load_answer_list(path: str | Path) -> list[str]:
-    """The candidate answers of the VQA evaluation (`answer_list.json`: a json list of 3,128 strings)."""
-    with open(path, encoding="utf-8") as handle:
-        answers = json.load(handle)
-    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"{str(path)!r} must hold a json list of answer strings.")
+    """The candidate answers of the VQA evaluation (`answer_list.json`: a json list of 3,128 strings). Errors name
+    the file and say what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            answers = json.load(handle)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"answer list not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not valid json: {err}") from None
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise ValueError(f"{str(path)!r} must hold a non-empty json list of answer strings.")
     return answers
 
 
@@ -319,7 +348,7 @@ def load_nlvr(
         images = _field(record, "images", index, source)
         if not isinstance(images, list) or len(images) != 2:
             raise BadRecordError(f"images must be a list of two paths, got {images!r}", index, None, source)
-        paths = [resolve_image_path(image, image_root, index, source) for image in images]
+        paths = [_resolve(image, image_root, index, source) for image in images]
         if check_files:
             for path in paths:
                 check_image_file(path, index, source)

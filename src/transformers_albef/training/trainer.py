@@ -8,13 +8,15 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from transformers import Trainer
-from transformers.trainer_utils import speed_metrics
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints, speed_metrics
 from transformers.utils import logging
 
 from ..retrieval_index import RetrievalEngine
@@ -42,9 +44,12 @@ class AlbefTrainer(Trainer):
     - with an `evaluator` (`RetrievalEvaluator`, `VQAEvaluator`), `evaluate()` runs that protocol over the whole
       evaluation set instead of the per-batch loop (on the unwrapped model: not for FSDP / ZeRO-3 sharded weights);
       without one (NLVR2, SNLI-VE) it is Trainer's loop with `compute_metrics`, gathering only the logits.
-      `predict()` stays Trainer's per-batch forward.
+      `predict()` stays Trainer's per-batch forward;
+    - checkpoints are written whole or not at all: Trainer writes `checkpoint-<step>` inside `.tmp-checkpoint-<step>`
+      and the folder is renamed into place once every process has written its part, so an error, an interrupt or a
+      full disk during a save leaves the earlier checkpoints as they were and no `checkpoint-<step>` that
+      `resume_from_checkpoint=True` would pick up half-written.
     """
-
 
     def __init__(
         self, *args, eval_data_collator=None, evaluator=None, forward_kwargs=None, lr_schedule=None, **kwargs
@@ -54,6 +59,7 @@ class AlbefTrainer(Trainer):
         self.evaluator = evaluator
         self.forward_kwargs = dict(forward_kwargs or {})
         self.lr_schedule = dict(lr_schedule) if lr_schedule is not None else None
+        self._staging_run_dir: str | None = None
 
     @property
     def alpha_warmup(self) -> AlphaWarmupCallback | None:
@@ -83,6 +89,48 @@ class AlbefTrainer(Trainer):
         self.lr_scheduler = create_scheduler(optimizer or self.optimizer, schedule)
         self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    # ----- checkpoints ----------------------------------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        return self._staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, final = os.path.join(run_dir, f".tmp-{name}"), os.path.join(run_dir, name)
+        writer = self.args.should_save
+        if writer:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)  # into staging/checkpoint-<step>
+            best = self.state.best_model_checkpoint
+            if best and os.path.normpath(best).startswith(os.path.normpath(staging) + os.sep):
+                # Trainer found the best checkpoint in the folder it wrote to: point at where it will be.
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                if writer:
+                    self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
+            self.accelerator.wait_for_everyone()  # every process has written its part (RNG states)
+            if writer:
+                from ..hub import replace_folder
+
+                replace_folder(os.path.join(staging, name), final)
+                shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            if writer:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            self._staging_run_dir = None
+        if writer:  # Trainer rotated the (empty) staging folder; rotate the real ones
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
 
     # ----- training -------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -177,6 +225,9 @@ class RetrievalEvaluator:
     """
 
     def __init__(self, processor, k_test: int = 256, max_length: int = 30, image_chunk_size: int = 256):
+        for name, value in (("k_test", k_test), ("max_length", max_length), ("image_chunk_size", image_chunk_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"RetrievalEvaluator: {name} must be a positive integer, got {value!r}")
         self.processor = processor
         self.k_test = k_test
         self.max_length = max_length
@@ -257,6 +308,8 @@ class VQAEvaluator:
     ):
         if not answer_list:
             raise ValueError("VQA evaluation needs a non-empty answer list")
+        if isinstance(k_test, bool) or not isinstance(k_test, int) or k_test < 1:
+            raise ValueError(f"VQAEvaluator: k_test must be a positive integer, got {k_test!r}")
         self.processor = processor
         self.answer_list = list(answer_list)
         self.k_test = min(k_test, len(self.answer_list))
