@@ -82,6 +82,31 @@ def test_retrieve_builds_saves_and_searches(dataset, tmp_path):
     assert lines[-2].lstrip().startswith("1.") and lines[-1].lstrip().startswith("2.") and "photo_" in lines[-1]
 
 
+def test_retrieve_batched_queries_and_searches(dataset, tmp_path):
+    """A file of queries, answered in batches; every search gives the exact search's answers here (`torch` always,
+    an approximate index built with --build-ann and selected with --search when faiss is installed)."""
+    from transformers_albef.retrieval_backends import faiss_available
+
+    index = tmp_path / "photos.index"
+    queries = tmp_path / "queries.txt"
+    queries.write_text("a red dog\nblue car on the beach\ntwo birds\n")
+    status, _, err = run_cli("retrieve", "--images", dataset / "images", "--save-index", index, "--shard-size", 2)
+    assert status == 0, err
+    assert sorted(p.name for p in (index / "shards").iterdir()) == [f"images-00000{i}" for i in range(3)]
+    answers = {}
+    for search in ["exact", "torch"] + (["hnsw"] if faiss_available() else []):
+        extra = ["--build-ann", "hnsw"] if search == "hnsw" else []
+        args = ["retrieve", "--index", index, "--text-file", queries, "--text", "a cat", "--search", search, *extra]
+        status, out, err = run_cli(*args, "--candidates", 4, "--json")
+        assert status == 0, err
+        report = json.loads(out)
+        assert report["search"] == search and len(report["queries"]) == 4 and report["queries"][0]["query"] == "a cat"
+        if extra:
+            assert report["built"]["hnsw"]["images"]["recall"] == {"16": 1.0, "256": 1.0}  # 5 images: all found
+        answers[search] = [[m["id"] for m in q["matches"]] for q in report["queries"]]
+    assert all(found == answers["exact"] for found in answers.values())
+
+
 def test_evaluate_matches_the_original_evaluation(dataset, bundled, tmp_path):
     status, out, err = run_cli(
         "evaluate", dataset / "test.json", "--image-root", dataset / "images", "--output", tmp_path / "result.json",
@@ -151,6 +176,9 @@ def test_recall_curve_without_matplotlib(tmp_path, monkeypatch):
         (["retrieve", "--images", "{images}", "--image", "{tmp}/none.png"], ["query image not found"]),
         (["retrieve", "--captions", "{captions}", "--text", "a"], ["holds no images"]),
         (["retrieve", "--images", "{images}", "--text", "a", "--candidates", "0"], ["must be at least 1"]),
+        (["retrieve", "--images", "{images}", "--build-ann", "hnsw"], ["--build-ann adds to a saved index"]),
+        (["retrieve", "--images", "{images}", "--text", "a", "--search", "best"], ["unknown search 'best'"]),
+        (["retrieve", "--captions", "{captions}", "--save-index", "{tmp}/empty.txt", "--overwrite"], ["is a file"]),
         (["evaluate", "{tmp}/missing.json"], ["does not exist"]),
         (["evaluate", "{annotation}"], ["image file not found", "photo_0.png"]),
         (["evaluate", "{annotation}", "--image-root", "{tmp}/nowhere"], ["--image-root is not a folder"]),

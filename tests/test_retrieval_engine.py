@@ -28,7 +28,6 @@ from transformers_albef.retrieval import (
     retrieval_score_matrices,
 )
 from transformers_albef.retrieval_index import (
-    IMAGE_STATES_FILE,
     RetrievalEngine,
     RetrievalIndex,
     list_image_files,
@@ -240,10 +239,12 @@ def test_index_save_reload_round_trip(model, processor, corpus, tmp_path):
     engine = engine_for(model, processor)
     ids = [f"img-{i}" for i in range(NUM_IMAGES)]
     index = engine.build_index(images=corpus["paths"], texts=corpus["texts"], image_ids=ids, path=tmp_path / "index")
-    assert sorted(os.listdir(tmp_path)) == ["index"]  # no temporary folder left
-    assert sorted(os.listdir(tmp_path / "index")) == ["embeddings.safetensors", "index.json"]
+    assert sorted(os.listdir(tmp_path)) == ["index"]  # no temporary or build folder left
+    assert sorted(os.listdir(tmp_path / "index")) == ["index.json", "shards"]
+    assert sorted(os.listdir(tmp_path / "index" / "shards")) == ["images-000000", "texts-000000"]
     meta = json.loads((tmp_path / "index" / "index.json").read_text())
-    assert meta["images"] == [os.path.abspath(p) for p in corpus["paths"]] and meta["image_ids"] == ids
+    assert meta["images"]["count"] == NUM_IMAGES and meta["images"]["ids"] and not meta["texts"]["ids"]
+    assert list(index.images) == [os.path.abspath(p) for p in corpus["paths"]] and list(index.image_ids) == ids
 
     reloaded = engine.load_index(tmp_path / "index")
     assert torch.equal(reloaded.image_embeds, index.image_embeds)
@@ -277,14 +278,15 @@ def test_in_memory_images_keep_memory_mapped_states(model, processor, corpus, tm
     column = column.cast_column("image", ImageFeature())["image"]
     engine = engine_for(model, processor, batch_size=3, image_chunk_size=2)
     cached = engine.build_index(images=column, path=tmp_path / "cached")
-    assert cached.images == [None] * NUM_IMAGES and cached.has_image_states
-    assert (tmp_path / "cached" / IMAGE_STATES_FILE).is_file()
+    assert list(cached.images) == [None] * NUM_IMAGES and cached.has_image_states
+    assert (tmp_path / "cached" / "shards" / "images-000000" / "states-000.safetensors").is_file()
     from_files = engine.build_index(images=corpus["paths"])
     assert not from_files.has_image_states
-    # Files first, then in-memory images: the cache starts at the first in-memory one and covers the earlier files.
+    # Files first, then in-memory images: the states of the in-memory ones are cached, the others are recomputed.
     in_memory = [PIL.Image.open(p).convert("RGB") for p in corpus["paths"][3:]]
-    mixed = engine.build_index(images=iter(corpus["paths"][:3] + in_memory))
+    mixed = engine.build_index(images=iter(corpus["paths"][:3] + in_memory), shard_size=2)
     assert mixed.has_image_states and mixed.images[:3] == from_files.images[:3] and mixed.images[3:] == [None] * 4
+    assert mixed.cached_states(torch.arange(NUM_IMAGES)).tolist() == [False] * 3 + [True] * 4
     query = corpus["texts"][:3]
     expected = engine.text_to_image(from_files, query, k=4)
     for index in (cached, RetrievalIndex.load(tmp_path / "cached"), mixed):
@@ -306,10 +308,13 @@ def test_datasets_column_of_files_is_indexed_by_path(model, processor, corpus):
 
     column = Dataset.from_dict({"image": corpus["paths"]}).cast_column("image", ImageFeature())["image"]
     index = engine_for(model, processor).build_index(images=column)
-    assert index.images == [os.path.abspath(p) for p in corpus["paths"]] and not index.has_image_states
+    assert list(index.images) == [os.path.abspath(p) for p in corpus["paths"]] and not index.has_image_states
 
 
-def test_interrupted_build_leaves_nothing(model, processor, corpus, tmp_path):
+def test_interrupted_build_leaves_no_index(model, processor, corpus, tmp_path):
+    """An interrupted or failed build leaves nothing at the path (only the build folder of finished shards, for a
+    resume, when some were finished), and a failed rebuild keeps the previous index as it was."""
+
     def interrupted():
         yield from corpus["paths"][:4]
         raise KeyboardInterrupt
@@ -318,12 +323,13 @@ def test_interrupted_build_leaves_nothing(model, processor, corpus, tmp_path):
     for images, error in ((interrupted(), KeyboardInterrupt), (corpus["paths"][:3] + [__file__], ValueError)):
         with pytest.raises(error):
             engine.build_index(images=images, texts=corpus["texts"], path=tmp_path / "index", cache_image_states=True)
-        assert os.listdir(tmp_path) == []
-    # A failed rebuild keeps the previous index as it was.
+        assert os.listdir(tmp_path) == []  # no shard was finished: nothing to resume from either
     engine.build_index(texts=corpus["texts"][:2], path=tmp_path / "index")
     with pytest.raises(KeyboardInterrupt):
-        engine.build_index(images=interrupted(), path=tmp_path / "index", overwrite=True)
-    assert os.listdir(tmp_path) == ["index"] and RetrievalIndex.load(tmp_path / "index").num_texts == 2
+        engine.build_index(images=interrupted(), path=tmp_path / "index", overwrite=True, shard_size=2)
+    assert sorted(os.listdir(tmp_path)) == [".index.build", "index"]
+    assert RetrievalIndex.load(tmp_path / "index").num_texts == 2
+    assert sorted(os.listdir(tmp_path / ".index.build" / "shards")) == ["images-000000", "images-000001"]
 
 
 # ----- bad inputs ----------------------------------------------------------------------------------------------------
@@ -366,9 +372,6 @@ def test_bad_inputs(model, processor, corpus, tmp_path):
         with pytest.raises(ValueError, match=message):
             call()
     with pytest.raises(FileNotFoundError, match="not a retrieval index"):
-        engine.load_index(tmp_path)
-    (tmp_path / "index.json").write_text('{"format": "transformers-albef-retrieval-index", "version": 1}')
-    with pytest.raises(ValueError, match="lacks images, texts.*rebuild it"):
         engine.load_index(tmp_path)
 
 
@@ -420,8 +423,9 @@ def test_index_from_another_model(model, processor, corpus, tmp_path, caplog):
 # ----- two processes -------------------------------------------------------------------------------------------------
 def _distributed_worker(folder: Path) -> None:
     """Under torchrun, in one launch (starting processes is the expensive part): the engine's evaluation split across
-    the processes (accelerate initialises gloo), then `albef evaluate`, which splits its work the same way. Every
-    rank saves what it got and what it printed."""
+    the processes (accelerate initialises gloo), then `albef evaluate`, which splits its work the same way, then an
+    index built by both processes (engine and `albef retrieve --save-index`). Every rank saves what it got and what
+    it printed."""
     from accelerate import PartialState
 
     from transformers_albef import cli
@@ -445,6 +449,38 @@ def _distributed_worker(folder: Path) -> None:
     with contextlib.redirect_stdout(printed):
         status = cli.main(evaluate_command(folder, "two.json"))
     (folder / f"rank{state.process_index}.txt").write_text(f"{status}\n{printed.getvalue()}")
+
+    # One index, built by both processes: each embeds every other shard, rank 0 moves it into place. The first
+    # attempt fails in a shard of rank 1 (a file that is not an image): both processes raise, and the second attempt
+    # resumes from the shards both had finished.
+    built = []
+    image_tower = model.vision_model.forward
+    model.vision_model.forward = lambda pixels, *a, **k: built.append(len(pixels)) or image_tower(pixels, *a, **k)
+    broken = {**TWO_PROCESS_BUILD, "image_ids": [*TWO_PROCESS_BUILD["image_ids"], "broken"]}
+    try:
+        engine.build_index(images=[*paths, __file__], texts=texts, path=folder / "two.index", **broken)
+        failure = None
+    except (ValueError, RuntimeError) as error:
+        failure = str(error)
+    first = sum(built)
+    index = engine.build_index(images=paths, texts=texts, path=folder / "two.index", **TWO_PROCESS_BUILD)
+    record = {"failure": failure, "first": first, "resumed": sum(built) - first, "count": index.num_images}
+    (folder / f"built{state.process_index}.json").write_text(json.dumps(record))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = cli.main(retrieve_command(folder, "cli-two.index"))
+    (folder / f"retrieve{state.process_index}.txt").write_text(f"{status}\n{printed.getvalue()}")
+
+
+TWO_PROCESS_BUILD = {"shard_size": 2, "image_ids": [f"img-{i}" for i in range(NUM_IMAGES)], "cache_image_states": True}
+
+
+def retrieve_command(folder: Path, output: str) -> list[str]:
+    return [
+        "retrieve", "--images", str(folder / "images"), "--captions", str(folder / "captions.txt"),
+        "--model", str(folder / "model"), "--save-index", str(folder / output), "--shard-size", "3",
+        "--text", "a red dog", "--candidates", "4", "--json",
+    ]  # fmt: skip
 
 
 def evaluate_command(folder: Path, output: str) -> list[str]:
@@ -487,6 +523,7 @@ def test_two_processes_match_one(model, processor, corpus, reference, tmp_path):
         for i, path in enumerate(corpus["paths"])
     ]
     (tmp_path / "test.json").write_text(json.dumps(records))
+    (tmp_path / "captions.txt").write_text("\n".join(corpus["texts"]))
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
 
@@ -509,6 +546,51 @@ def test_two_processes_match_one(model, processor, corpus, reference, tmp_path):
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-9) and two["recall_curve"] == one["recall_curve"]
     assert two["metrics"] == pytest.approx(recall_at_k(*reference, txt2img, img2txt), abs=1e-9)
+
+    # The index built by two processes is the index one process builds: same shards, same embeddings and states.
+    built = [json.loads((tmp_path / f"built{r}.json").read_text()) for r in (0, 1)]
+    assert built[0]["count"] == built[1]["count"] == NUM_IMAGES
+    assert "test_retrieval_engine.py' is not an image" in built[1]["failure"]
+    assert built[0]["failure"].endswith("(raised by process 1 of the index build)")
+    # Shards 0-2 (6 images) were finished by the first attempt, shard 3 (one image) by the second: each image once.
+    assert (built[0]["first"], built[1]["first"]) == (4, 2) and built[0]["resumed"] + built[1]["resumed"] == 1
+    # The model as the workers loaded it (from_pretrained picks the attention implementation).
+    loaded = AlbefForRetrieval.from_pretrained(tmp_path / "model").eval()
+    engine = engine_for(loaded, processor, image_chunk_size=2, batch_size=3, fusion_batch_size=4)
+    one = engine.build_index(
+        images=sorted(str(p) for p in (tmp_path / "images").iterdir()),
+        texts=corpus["texts"],
+        path=tmp_path / "one.index",
+        **TWO_PROCESS_BUILD,
+    )
+    assert_same_index(RetrievalIndex.load(tmp_path / "two.index"), one)
+    printed = [(tmp_path / f"retrieve{r}.txt").read_text() for r in (0, 1)]
+    assert printed[1] == "0\n" and printed[0].startswith("0\n")
+    with contextlib.redirect_stdout(io.StringIO()) as output:
+        assert cli.main(retrieve_command(tmp_path, "cli-one.index")) == 0
+    [two_processes], [one_process] = json.loads(printed[0][2:])["queries"], json.loads(output.getvalue())["queries"]
+    assert [m["item"] for m in two_processes["matches"]] == [m["item"] for m in one_process["matches"]]
+    for key in ("score", "itc"):
+        np.testing.assert_allclose(*([m[key] for m in q["matches"]] for q in (two_processes, one_process)), atol=ATOL)
+    assert_same_index(RetrievalIndex.load(tmp_path / "cli-two.index"), RetrievalIndex.load(tmp_path / "cli-one.index"))
+
+
+def assert_same_index(got: RetrievalIndex, expected: RetrievalIndex) -> None:
+    """Same shard layout, items, ids and cached rows; the same embeddings and states up to float rounding (the same
+    batches are computed, but a BLAS may round differently in another process, e.g. for another memory alignment:
+    seen once at 4e-8)."""
+    for modality in ("images", "texts"):
+        assert got._meta[modality] == expected._meta[modality]
+        torch.testing.assert_close(
+            got.embeddings(modality).to_tensor(), expected.embeddings(modality).to_tensor(), atol=1e-6, rtol=0
+        )
+    assert list(got.images) == list(expected.images) and list(got.texts) == list(expected.texts)
+    assert list(got.image_ids) == list(expected.image_ids) and list(got.text_ids) == list(expected.text_ids)
+    everything = torch.arange(expected.num_images)
+    assert torch.equal(got.cached_states(everything), expected.cached_states(everything))
+    if expected.has_image_states:
+        cached = everything[expected.cached_states(everything)]
+        torch.testing.assert_close(got.image_states(cached), expected.image_states(cached), atol=1e-5, rtol=0)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
 """Corpus-scale image-text retrieval with ALBEF.
 
 - [`RetrievalEngine.build_index`] embeds a corpus of images and/or texts (ITC embeddings, in batches, streamed from any
-  iterable) into a [`RetrievalIndex`], which saves to a folder (safetensors + a small json) and loads back.
+  iterable) into a [`RetrievalIndex`]: a folder of shards (safetensors embeddings, memory-mapped when read; Arrow
+  tables of what each item refers to), written atomically, resumable after an interruption, and split between the
+  processes of a torchrun / `accelerate launch` (`retrieval_backends.storage`).
 - [`RetrievalEngine.text_to_image`] / [`RetrievalEngine.image_to_text`] search an index as ALBEF evaluates: the top
-  `k` by ITC cosine similarity, re-ranked by the ITM "match" logit (`score="itm"`, the original), by ITM logit + ITC
-  similarity (`score="itm+itc"`, LAVIS) or not at all (`score="itc"`). The candidates' tower states are recomputed
-  from the items the index refers to (image paths, texts), or read from an on-disk, memory-mapped cache.
+  `k` by ITC cosine similarity (exact by default: faiss `IndexFlatIP` when faiss is installed, else a streamed torch
+  search; approximate faiss indexes are opt-in, `retrieval_backends.search`), re-ranked by the ITM "match" logit
+  (`score="itm"`, the original), by ITM logit + ITC similarity (`score="itm+itc"`, LAVIS) or not at all
+  (`score="itc"`). The candidates' tower states are recomputed from the items the index refers to (image paths,
+  texts), or read from tower states cached in the shards.
 - [`RetrievalEngine.evaluate`] and [`chunked_retrieval_score_matrices`] compute the original evaluation's score
   matrices (those of `retrieval.retrieval_score_matrices`) with bounded memory: images are processed in chunks whose
   tower states are computed once, each (image, text) candidate pair is fused once even when both directions select
@@ -16,13 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
-import json
 import math
 import os
 import shutil
-import struct
-import tempfile
+import time
 import uuid
 import weakref
 from collections import Counter
@@ -34,7 +35,6 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from safetensors.torch import load_file, save_file
 from transformers.utils import logging
 
 from .retrieval import (
@@ -51,14 +51,37 @@ from .retrieval import (
     recall_at_k,
     retrieval_ranks,
 )
+from .retrieval_backends.search import (
+    ANN_KINDS,
+    FaissSearch,
+    TorchExactSearch,
+    ann_spec,
+    build_ann,
+    faiss_available,
+    flat_index,
+    import_faiss,
+    recall_against_exact,
+)
+from .retrieval_backends.storage import (
+    ANN_DIR,
+    DEFAULT_SHARD_SIZE,
+    INDEX_FILE,
+    INDEX_FORMAT,
+    MODALITIES,
+    EmbeddingColumn,
+    IndexFormatError,
+    ItemColumn,
+    ProcessGroup,
+    ShardedBuild,
+    check_replaceable,
+    corpus_shards,
+    move_into_place,
+    open_shards,
+    read_manifest,
+    write_json_atomic,
+)
 
 logger = logging.get_logger(__name__)
-
-INDEX_FORMAT = "transformers-albef-retrieval-index"
-INDEX_VERSION = 1
-INDEX_FILE = "index.json"
-EMBEDDINGS_FILE = "embeddings.safetensors"
-IMAGE_STATES_FILE = "image_states.safetensors"
 
 
 # ----- results -------------------------------------------------------------------------------------------------------
@@ -193,12 +216,6 @@ def _open_image(item: Any, position: int | str) -> PIL.Image.Image:
         ) from None
 
 
-def _batches(iterable: Iterable, size: int) -> Iterable[list]:
-    iterator = iter(iterable)
-    while batch := list(itertools.islice(iterator, size)):
-        yield batch
-
-
 def _is_pixel_tensor(images: Any) -> bool:
     return isinstance(images, torch.Tensor)
 
@@ -242,12 +259,13 @@ def _as_image_list(images: Any, what: str) -> list | torch.Tensor:
     return images
 
 
-def _check_ids(ids: Sequence | None, count: int, what: str) -> list:
-    """`ids` checked against the number of items (default: positions); they must be unique json strings or ints."""
+def _check_ids(ids: Sequence | None, count: int | None, what: str) -> list:
+    """`ids` checked against the number of items when known (default: positions); they must be unique strings or
+    ints."""
     if ids is None:
         return list(range(count))
     ids = list(ids)
-    if len(ids) != count:
+    if count is not None and len(ids) != count:
         raise ValueError(f"got {len(ids)} {what} ids for {count} {what}s; expected one id per {what}")
     for position, item_id in enumerate(ids):
         if isinstance(item_id, bool) or not isinstance(item_id, (str, int)):
@@ -277,27 +295,39 @@ class _Tokenizer:
         self.processor, self.max_length, self.clean_text = processor, max_length, clean_text
         self.max_positions = max_positions
 
-    def __call__(self, texts: list[str], what: str, warn: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, texts: list[str], what: str, warn: bool = True, offset: int = 0, too_long: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of `texts` (positions `offset`... in messages); the positions of truncated
+        texts are warned about, or appended to `too_long` when it is given."""
         encoded = self.processor(text=texts, clean_text=self.clean_text, padding=False, truncation=False)["input_ids"]
         pad_id = self.processor.tokenizer.pad_token_id
         input_ids = torch.full((len(texts), self.max_length), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(texts), self.max_length), dtype=torch.long)
-        too_long = []
+        truncated = []
         for row, ids in enumerate(encoded):
             if len(ids) < 2:
-                raise ValueError(f"{what} {row} ({texts[row]!r}) is empty after cleaning; expected some words")
+                raise ValueError(
+                    f"{what} {offset + row} ({texts[row]!r}) is empty after cleaning; expected some words"
+                )
             if len(ids) > self.max_length:
-                too_long.append(row)
+                truncated.append(offset + row)
                 ids = ids[: self.max_length]
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention_mask[row, : len(ids)] = 1
-        if too_long and warn:
-            shown = ", ".join(str(row) for row in too_long[:5]) + (" ..." if len(too_long) > 5 else "")
+        if too_long is not None:
+            too_long.extend(truncated)
+        elif warn:
+            self.warn_truncated(truncated, what)
+        return input_ids, attention_mask
+
+    def warn_truncated(self, rows: list[int], what: str) -> None:
+        if rows:
+            shown = ", ".join(str(row) for row in rows[:5]) + (" ..." if len(rows) > 5 else "")
             logger.warning(
-                f"{len(too_long)} {what}(s) longer than {self.max_length} tokens were truncated to {self.max_length} "
+                f"{len(rows)} {what}(s) longer than {self.max_length} tokens were truncated to {self.max_length} "
                 f"tokens (the retrieval text length; the model has {self.max_positions} positions): {what} {shown}"
             )
-        return input_ids, attention_mask
 
 
 # ----- model identity ------------------------------------------------------------------------------------------------
@@ -309,272 +339,465 @@ def model_fingerprint(model) -> str:
     return digest.hexdigest()[:16]
 
 
-# ----- the on-disk tower-state cache ---------------------------------------------------------------------------------
-_SAFETENSORS_DTYPES = {
-    torch.float32: ("F32", np.float32),
-    torch.float16: ("F16", np.float16),
-    torch.bfloat16: ("BF16", np.uint16),  # numpy has no bfloat16: read as uint16, viewed back in torch
-    torch.float64: ("F64", np.float64),
-}
-_TORCH_DTYPES = {code: dtype for dtype, (code, _) in _SAFETENSORS_DTYPES.items()}
-
-
-class _StreamingTensorWriter:
-    """Writes one tensor to a safetensors file block of rows by block of rows, when the number of rows is known only
-    at the end: the header's space is reserved first (the format allows padding it with spaces) and filled on close."""
-
-    header_bytes = 1024  # 8 + 1024 keeps the data 8-byte aligned
-
-    def __init__(self, path: Path, name: str):
-        self.path, self.name = path, name
-        self.handle = open(path, "wb")
-        self.handle.write(b"\0" * (8 + self.header_bytes))
-        self.rows, self.row_shape, self.dtype = 0, None, None
-
-    def append(self, rows: torch.Tensor) -> None:
-        rows = rows.detach().contiguous().cpu()
-        if self.row_shape is None:
-            if rows.dtype not in _SAFETENSORS_DTYPES:
-                rows = rows.float()
-            self.row_shape, self.dtype = tuple(rows.shape[1:]), rows.dtype
-        elif tuple(rows.shape[1:]) != self.row_shape:
-            raise ValueError(f"rows of shape {tuple(rows.shape[1:])} after rows of shape {self.row_shape}")
-        self.handle.write(rows.to(self.dtype).view(torch.uint8).numpy().tobytes())
-        self.rows += rows.shape[0]
-
-    def close(self, metadata: dict[str, str] | None = None) -> None:
-        row_shape, dtype = self.row_shape or (0,), self.dtype or torch.float32
-        size = self.rows * math.prod(row_shape) * dtype.itemsize
-        header = {self.name: {"dtype": _SAFETENSORS_DTYPES[dtype][0], "shape": [self.rows, *row_shape]}}
-        header[self.name]["data_offsets"] = [0, size]
-        header["__metadata__"] = metadata or {}
-        encoded = json.dumps(header).encode()
-        if len(encoded) > self.header_bytes:
-            raise ValueError(f"safetensors header of {self.path} is too long ({len(encoded)} bytes)")
-        self.handle.seek(0)
-        self.handle.write(struct.pack("<Q", self.header_bytes) + encoded.ljust(self.header_bytes, b" "))
-        self.handle.close()
-
-    def abort(self) -> None:
-        self.handle.close()
-
-
-class _MemoryMappedTensor:
-    """Rows of one tensor in a safetensors file, read on demand through a memory map (nothing is loaded up front)."""
-
-    def __init__(self, path: Path, name: str):
-        with open(path, "rb") as handle:
-            (header_size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(header_size))
-        if name not in header:
-            raise ValueError(f"{path} holds no tensor {name!r}")
-        entry = header[name]
-        self.dtype = _TORCH_DTYPES[entry["dtype"]]
-        self.shape = tuple(entry["shape"])
-        numpy_dtype = _SAFETENSORS_DTYPES[self.dtype][1]
-        offset = 8 + header_size + entry["data_offsets"][0]
-        self.array = np.memmap(path, dtype=numpy_dtype, mode="r", offset=offset, shape=self.shape)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def rows(self, indices: torch.Tensor) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(self.array[indices.cpu().numpy()]))
-        return tensor.view(torch.bfloat16) if self.dtype == torch.bfloat16 else tensor
-
-
 # ----- the index -----------------------------------------------------------------------------------------------------
-def _temporary_sibling(path: Path, tag: str) -> Path:
-    """A fresh hidden folder next to `path` (same file system, so that a rename is atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = path.parent / f".{path.name}.{tag}-{uuid.uuid4().hex[:8]}"
-    folder.mkdir()
-    return folder
-
-
-def _move_into_place(folder: Path, path: Path, overwrite: bool) -> None:
-    """Rename the finished `folder` to `path`; an existing index there is replaced only with `overwrite`."""
-    if path.exists():
-        if not overwrite:
-            raise FileExistsError(f"{str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it")
-        if path.is_dir() and not (path / INDEX_FILE).is_file() and any(path.iterdir()):
-            raise FileExistsError(
-                f"{str(path)!r} is a non-empty folder that is not a retrieval index; not replacing it"
-            )
-        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(path, old)
-        try:
-            os.replace(folder, path)
-        except BaseException:
-            os.replace(old, path)  # the previous index stays as it was
-            raise
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        os.replace(folder, path)
+SEARCH_HELP = (
+    "'exact' (faiss IndexFlatIP when faiss is installed, else the torch search), 'torch' (exact, streamed from the "
+    "memory-mapped shards), 'flat' (faiss IndexFlatIP), or an approximate index built with build_ann ("
+    + ", ".join(ANN_KINDS)
+    + ")"
+)
 
 
 class RetrievalIndex:
     """
     ITC embeddings of a corpus of images and/or texts, with what each item refers to, so that candidates can be
     re-ranked later: `images` holds each image's file path (`None` for an image indexed from memory), `texts` the
-    texts as given. Build one with [`RetrievalEngine.build_index`]; `save` / `load` use a folder:
+    texts as given. Build one with [`RetrievalEngine.build_index`] (or [`RetrievalIndex.from_embeddings`]); it lives
+    in a folder (a temporary one, removed with the object, until `save`) and is read lazily: embeddings are
+    memory-mapped safetensors shards, item references and texts Arrow tables (see
+    `transformers_albef.retrieval_backends.storage` for the layout).
 
-    - `index.json`: format, model name and weight fingerprint, text settings, item references and ids;
-    - `embeddings.safetensors`: `image_embeds` (images, embed_dim) and `text_embeds` (texts, embed_dim), float32;
-    - `image_states.safetensors` (optional): the image tower's last hidden states, memory-mapped when read, for
-      images that cannot be reloaded from a file.
+    Candidate search (`search`): exact by default, faiss `IndexFlatIP` when faiss is installed and the torch search
+    otherwise (both give the ranking of the full similarity matrix); approximate faiss indexes (`build_ann`) are
+    opt-in, with their recall@k against the exact search measured when built (`ann`).
     """
 
-    def __init__(
-        self,
-        image_embeds: torch.Tensor | None,
-        text_embeds: torch.Tensor | None,
-        images: list[str | None],
-        texts: list[str],
-        image_ids: list,
-        text_ids: list,
-        model_name: str = "",
-        model_fingerprint: str = "",
-        max_length: int = 30,
-        clean_text: str | None = "caption",
-        image_states_path: Path | None = None,
-    ):
-        self.image_embeds, self.text_embeds = image_embeds, text_embeds
-        self.images, self.texts = images, texts
-        self.image_ids, self.text_ids = image_ids, text_ids
-        self.model_name, self.model_fingerprint = model_name, model_fingerprint
-        self.max_length, self.clean_text = max_length, clean_text
-        self.path: Path | None = None
-        self._image_states_path = image_states_path
-        self._image_states: _MemoryMappedTensor | None = None
+    def __init__(self, folder: str | os.PathLike, search: str = "exact", **search_options):
+        """Open the index in `folder` (prefer [`RetrievalIndex.load`])."""
+        self._folder = Path(folder)
+        self.path: Path | None = self._folder
         self._checked_fingerprints: set[str] = set()  # models already checked against this index (warn once)
-        if self.num_images and image_embeds is None or self.num_texts and text_embeds is None:
-            raise ValueError("an index needs the embeddings of its items")
-        if image_embeds is not None and image_embeds.shape[0] != len(images):
-            raise ValueError(f"{image_embeds.shape[0]} image embeddings for {len(images)} images")
-        if text_embeds is not None and text_embeds.shape[0] != len(texts):
-            raise ValueError(f"{text_embeds.shape[0]} text embeddings for {len(texts)} texts")
+        self._cleanup = None
+        self._open()
+        self.use_search(search, **search_options)
+
+    def _open(self) -> None:
+        meta = read_manifest(self._folder)
+        shards = open_shards(self._folder, meta)
+        self._meta, self._shards = meta, shards
+        size = meta["shard_size"]
+        self.model_name, self.model_fingerprint = meta["model_name"], meta["model_fingerprint"]
+        self.max_length, self.clean_text = meta["max_length"], meta["clean_text"]
+        self.embed_dim, self.shard_size = meta["embed_dim"], size
+        self._columns = {m: EmbeddingColumn(shards[m], size) for m in MODALITIES}
+        self.images = ItemColumn(shards["images"], size, "item")
+        self.image_ids = ItemColumn(shards["images"], size, "id")
+        self.texts = ItemColumn(shards["texts"], size, "item")
+        self.text_ids = ItemColumn(shards["texts"], size, "id")
+        self._searchers: dict = {}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, search: str = "exact", **search_options) -> RetrievalIndex:
+        """Open a saved index (`save`, or `build_index(path=...)`): every shard is checked, nothing is read into memory
+        but the manifest. `search` picks the candidate search (see `use_search`); `search_options` override an
+        approximate index's search parameters (e.g. `nprobe=64`, `efSearch=512`)."""
+        path = Path(path)
+        if not (path / INDEX_FILE).is_file():
+            raise FileNotFoundError(f"{str(path)!r} is not a retrieval index (no {INDEX_FILE}); build one first")
+        return cls(path, search=search, **search_options)
 
     @property
     def num_images(self) -> int:
-        return len(self.images)
+        return self._meta["images"]["count"]
 
     @property
     def num_texts(self) -> int:
-        return len(self.texts)
+        return self._meta["texts"]["count"]
 
     @property
     def has_image_states(self) -> bool:
-        """Whether the image tower states are cached on disk (re-ranking then needs no image files)."""
-        return self._image_states_path is not None
+        """Whether image tower states are cached for some images (re-ranking them needs no image file)."""
+        return self._meta["images"]["states"]
+
+    def embeddings(self, modality: str) -> EmbeddingColumn:
+        """The memory-mapped embeddings of `"images"` or `"texts"`."""
+        return self._columns[_modality(modality)]
+
+    @property
+    def image_embeds(self) -> torch.Tensor | None:
+        """Every image embedding in one tensor (read into memory: num_images x embed_dim floats)."""
+        return self._columns["images"].to_tensor() if self.num_images else None
+
+    @property
+    def text_embeds(self) -> torch.Tensor | None:
+        """Every text embedding in one tensor (read into memory: num_texts x embed_dim floats)."""
+        return self._columns["texts"].to_tensor() if self.num_texts else None
+
+    @property
+    def ann(self) -> dict[str, dict]:
+        """The approximate indexes built for each modality: factory string, search parameters, measured recall."""
+        return {m: dict(self._meta[m]["ann"]) for m in MODALITIES}
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""
         return (
             f"RetrievalIndex(images={self.num_images}, texts={self.num_texts}, model={self.model_name!r}, "
-            f"image_states={'cached' if self.has_image_states else 'recomputed'}{where})"
+            f"image_states={'cached' if self.has_image_states else 'recomputed'}, search={self.search_name!r}{where})"
         )
 
+    # ----- cached tower states ------------------------------------------------------------------------------------
+    def cached_states(self, indices: torch.Tensor) -> torch.Tensor:
+        """Whether the tower states of the images at `indices` are cached (a bool tensor)."""
+        cached = torch.zeros(len(indices), dtype=torch.bool)
+        if self.has_image_states:
+            for where, shard, rows in self._columns["images"]._by_shard(indices.cpu().long()):
+                if shard.state_files:
+                    cached[where] = shard.state_lookup().index_select(0, rows)[:, 0] >= 0
+        return cached
+
     def image_states(self, indices: torch.Tensor) -> torch.Tensor:
-        """Cached image tower states of the images at `indices` (read from the memory map)."""
-        if self._image_states is None:
-            if self._image_states_path is None:
-                raise ValueError("this index keeps no image states")
-            self._image_states = _MemoryMappedTensor(self._image_states_path, "image_states")
-        return self._image_states.rows(indices)
+        """Cached image tower states of the images at `indices` (read from the memory-mapped state files)."""
+        indices = indices.cpu().long()
+        cached = self.cached_states(indices)
+        if not cached.all():
+            raise ValueError(f"image {indices[~cached][0].item()} of the index has no cached tower states")
+        out = None
+        for where, shard, rows in self._columns["images"]._by_shard(indices):
+            lookup = shard.state_lookup().index_select(0, rows)
+            for file_number in torch.unique(lookup[:, 0]).tolist():
+                in_file = torch.nonzero(lookup[:, 0] == file_number).flatten()
+                states = shard.states(file_number).index_select(0, lookup[in_file, 1])
+                if out is None:
+                    out = states.new_empty((len(indices), *states.shape[1:]))
+                out.index_copy_(0, where.index_select(0, in_file), states)
+        return out
 
-    def _metadata(self) -> dict:
-        return {
-            "format": INDEX_FORMAT,
-            "version": INDEX_VERSION,
-            "model_name": self.model_name,
-            "model_fingerprint": self.model_fingerprint,
-            "max_length": self.max_length,
-            "clean_text": self.clean_text,
-            "image_states": self.has_image_states,
-            "images": self.images,
-            "image_ids": self.image_ids,
-            "texts": self.texts,
-            "text_ids": self.text_ids,
-        }
+    # ----- search -------------------------------------------------------------------------------------------------
+    def use_search(self, search: str = "exact", **options) -> RetrievalIndex:
+        """Pick the candidate search: `"exact"` (faiss `IndexFlatIP` when faiss is installed, else `"torch"`),
+        `"torch"` (exact, streamed from the memory-mapped shards; no dependency), `"flat"` (faiss `IndexFlatIP`,
+        the embeddings in memory), or the name of an approximate index built with `build_ann` (`"ivf"`, `"hnsw"`,
+        `"pq"`, `"ivfpq"`, ...) for the modality searched; `options` override its search parameters (`nprobe`,
+        `efSearch`)."""
+        if not isinstance(search, str):
+            raise ValueError(f"search must be a string, got {type(search).__name__}")
+        known = {"exact", "torch", "flat"} | set(ANN_KINDS) | {n for m in MODALITIES for n in self._meta[m]["ann"]}
+        if search not in known:
+            raise ValueError(f"unknown search {search!r}; expected {SEARCH_HELP}")
+        if search not in ("exact", "torch"):
+            import_faiss()
+        self.search_name, self._search_options, self._searchers = search, dict(options), {}
+        return self
 
-    def _write_into(self, folder: Path) -> None:
-        tensors = {}
-        if self.image_embeds is not None:
-            tensors["image_embeds"] = self.image_embeds.float().contiguous()
-        if self.text_embeds is not None:
-            tensors["text_embeds"] = self.text_embeds.float().contiguous()
-        save_file(tensors, folder / EMBEDDINGS_FILE, metadata={"format": INDEX_FORMAT})
-        (folder / INDEX_FILE).write_text(json.dumps(self._metadata(), ensure_ascii=False))
+    def _searcher(self, modality: str, device):
+        name = self.search_name
+        if name == "exact":
+            name = "flat" if faiss_available() else "torch"
+        key = (modality, name, str(device) if name == "torch" else None)
+        if key in self._searchers:
+            return self._searchers[key]
+        column = self._columns[modality]
+        if name == "torch":
+            searcher = TorchExactSearch(column, device)
+        elif name == "flat":
+            searcher = FaissSearch(flat_index(column), column, "flat", exact=True)
+        else:
+            entry = self._meta[modality]["ann"].get(name)
+            if entry is None:
+                raise ValueError(
+                    f"the index has no approximate search {name!r} for its {modality}; build it with "
+                    f"index.build_ann({name!r}) or `albef retrieve --index {self.path or 'DIR'} --build-ann {name}`"
+                )
+            file = self._folder / ANN_DIR / entry["file"]
+            searcher = FaissSearch(
+                self._read_ann(file, len(column)),
+                column,
+                name,
+                exact=False,
+                parameters={**entry["parameters"], **self._search_options},
+            )
+        self._searchers = {k: v for k, v in self._searchers.items() if k[0] != modality}  # one per modality
+        self._searchers[key] = searcher
+        return searcher
 
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write the index to the folder `path` atomically: into a temporary folder next to it, then renamed."""
-        path = Path(path)
-        if self.path is not None and path.resolve() == self.path.resolve():
-            return path
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it")
-        folder = _temporary_sibling(path, "tmp")
+    @staticmethod
+    def _read_ann(file: Path, count: int):
+        faiss = import_faiss()
+        if not file.is_file():
+            raise IndexFormatError(file, "missing; expected a faiss index file", "build it again with build_ann")
         try:
-            if self._image_states_path is not None:
-                shutil.copyfile(self._image_states_path, folder / IMAGE_STATES_FILE)
-            self._write_into(folder)
-            _move_into_place(folder, path, overwrite)
+            index = faiss.read_index(str(file))
+        except RuntimeError as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise IndexFormatError(file, f"not a faiss index ({first})", "build it again with build_ann") from None
+        if index.ntotal != count:
+            raise IndexFormatError(
+                file, f"holds {index.ntotal} vectors; expected {count}", "build it again with build_ann"
+            )
+        return index
+
+    def search(
+        self, modality: str, queries: torch.Tensor, k: int, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top `k` items of `modality` ("images", "texts") for each query embedding, by ITC similarity (inner
+        product), best first: `(scores (Q, k), positions (Q, k))` on the CPU. An approximate search may find fewer
+        than `k` for a query (position -1, score -inf)."""
+        modality = _modality(modality)
+        if queries.ndim != 2 or queries.shape[1] != self.embed_dim:
+            raise ValueError(f"queries must be (N, {self.embed_dim}) embeddings, got shape {tuple(queries.shape)}")
+        count = len(self._columns[modality])
+        if not 1 <= k <= count:
+            raise ValueError(f"k={k} is not between 1 and the {count} {modality} in the index")
+        return self._searcher(modality, device).search(queries.detach(), k)
+
+    def build_ann(
+        self,
+        kind: str,
+        modalities: str | Sequence[str] | None = None,
+        queries: torch.Tensor | None = None,
+        recall_queries: int = 512,
+        name: str | None = None,
+        seed: int = 0,
+        **options,
+    ) -> dict[str, dict]:
+        """
+        Build an approximate faiss index (`kind`: `"ivf"`, `"hnsw"`, `"pq"`, `"ivfpq"` (see `ANN_KINDS`; options
+        such as `nlist`, `nprobe`, `M`, `efSearch`, `m`), or `factory="..."` with a `name`) over the embeddings of
+        `modalities` (default: every modality the index holds) and save it into the index folder (temporary file,
+        renamed), with its recall@16 and @256 against the exact search: measured on `queries` (embeddings of the
+        other modality), by default up to `recall_queries` embeddings of the other modality of the index (its own
+        when it holds one modality). Returns each modality's entry (also in `ann`). Select it with
+        `use_search(name)` / `load(path, search=name)`.
+        """
+        import_faiss()
+        name = name or kind
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"name must be letters, digits, - and _, got {name!r}")
+        if name in ("exact", "torch", "flat"):
+            raise ValueError(f"{name!r} is the name of an exact search; give the approximate index another name")
+        if modalities is None:
+            modalities = [m for m in MODALITIES if len(self._columns[m])]
+        modalities = [_modality(m) for m in ([modalities] if isinstance(modalities, str) else modalities)]
+        built = {}
+        for modality in modalities:
+            column = self._columns[modality]
+            if not len(column):
+                raise ValueError(f"the index holds no {modality}")
+            spec = ann_spec(kind, len(column), column.dim, **options)
+            started = time.perf_counter()
+            index = build_ann(column, spec, seed=seed)
+            seconds = time.perf_counter() - started
+            (self._folder / ANN_DIR).mkdir(exist_ok=True)
+            file = f"{modality}-{name}.faiss"
+            temporary = self._folder / ANN_DIR / f".{file}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                import_faiss().write_index(index, str(temporary))
+                os.replace(temporary, self._folder / ANN_DIR / file)
+            except BaseException:
+                temporary.unlink(missing_ok=True)
+                raise
+            other = "texts" if modality == "images" else "images"
+            sample = queries
+            source = "given queries"
+            if sample is None:
+                source_column = self._columns[other] if len(self._columns[other]) else column
+                source = other if source_column is not column else f"{modality} (the index's own)"
+                rng = np.random.default_rng(seed)
+                rows = rng.choice(len(source_column), min(recall_queries, len(source_column)), replace=False)
+                sample = source_column.rows(torch.from_numpy(np.sort(rows)))
+            approximate = FaissSearch(index, column, name, exact=False, parameters=spec.parameters)
+            recall = recall_against_exact(approximate, TorchExactSearch(column), sample.float())
+            entry = {
+                "kind": kind,
+                "factory": spec.factory,
+                "file": file,
+                "parameters": spec.parameters,
+                "recall": recall,
+                "recall_queries": f"{len(sample)} {source}",
+                "build_seconds": round(seconds, 2),
+                "bytes": (self._folder / ANN_DIR / file).stat().st_size,
+            }
+            self._meta[modality]["ann"][name] = entry
+            write_json_atomic(self._folder / INDEX_FILE, self._meta)
+            self._searchers = {}
+            built[modality] = entry
+        return built
+
+    # ----- saving -------------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Copy the index to the folder `path` atomically (into a temporary folder next to it, then renamed); the
+        object then reads from there."""
+        path = Path(path)
+        if path.resolve() == self._folder.resolve():
+            return path
+        check_replaceable(path, overwrite)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            shutil.copytree(self._folder, folder, ignore=shutil.ignore_patterns(".*"))
+            move_into_place(folder, path, overwrite)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        self._attach(path)
+        self._folder = self.path = path
+        self._open()
+        if self._cleanup is not None:
+            self._cleanup()  # the temporary folder it was built in
+            self._cleanup = None
         return path
 
-    def _attach(self, path: Path) -> None:
-        """From now on the index lives in `path` (its state cache included)."""
-        self.path = path
-        if self._image_states_path is not None:
-            self._image_states_path, self._image_states = path / IMAGE_STATES_FILE, None
-
     @classmethod
-    def load(cls, path: str | os.PathLike) -> RetrievalIndex:
-        """Load an index saved by `save` (or `build_index(path=...)`); image states stay on disk, memory-mapped."""
-        path = Path(path)
-        if not (path / INDEX_FILE).is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not a retrieval index (no {INDEX_FILE}); build one first")
+    def from_embeddings(
+        cls,
+        path: str | os.PathLike | None = None,
+        image_embeds=None,
+        text_embeds=None,
+        images: Sequence[str | None] | None = None,
+        texts: Sequence[str] | None = None,
+        image_ids: Sequence | None = None,
+        text_ids: Sequence | None = None,
+        model_name: str = "",
+        model_fingerprint: str = "",
+        max_length: int = 30,
+        clean_text: str | None = "caption",
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        overwrite: bool = False,
+        resume: bool = True,
+        distributed: bool | None = None,
+        search: str = "exact",
+    ) -> RetrievalIndex:
+        """
+        An index of precomputed, L2-normalised embeddings ((N, dim) tensors or numpy arrays, memory-mapped ones
+        included), written shard by shard as [`RetrievalEngine.build_index`] does (at `path`, or in a temporary
+        folder). `images` (file paths) and `texts` are what the items refer to; without them the index can be
+        searched with `score="itc"` only. `model_fingerprint` ties the index to a model (`model_fingerprint(model)`).
+        """
+        sources = {"images": image_embeds, "texts": text_embeds}
+        if all(v is None for v in sources.values()):
+            raise ValueError("the corpus is empty: pass image_embeds, text_embeds or both")
+        _check_new_search(search)
+        for modality, embeds in sources.items():
+            if embeds is not None and getattr(embeds, "ndim", None) != 2:
+                raise ValueError(
+                    f"{modality[:-1]}_embeds must be an (N, dim) tensor or array, got {type(embeds).__name__}"
+                )
+        dims = {len(v[0]) if len(v) else 0 for v in sources.values() if v is not None}
+        if len(dims) != 1 or 0 in dims:
+            raise ValueError(f"embeddings must be non-empty (N, dim) arrays of one dim, got dims {sorted(dims)}")
+        items = {"images": images, "texts": texts}
+        ids = {"images": image_ids, "texts": text_ids}
+        for modality, embeds in sources.items():
+            if embeds is None:
+                continue
+            if items[modality] is not None and len(items[modality]) != len(embeds):
+                raise ValueError(f"{len(items[modality])} {modality} for {len(embeds)} embeddings")
+            if ids[modality] is not None:
+                ids[modality] = _check_ids(ids[modality], len(embeds), modality[:-1])
+        settings = _build_settings(model_fingerprint, dims.pop(), max_length, clean_text, shard_size, None, ids)
+        path = Path(path) if path is not None else None
+        build = ShardedBuild(path, settings, overwrite, resume, ProcessGroup(distributed if path else False))
+        counts, error = {}, None
         try:
-            meta = json.loads((path / INDEX_FILE).read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{str(path / INDEX_FILE)!r} is not valid json ({err})") from None
-        if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
-            raise ValueError(f"{str(path / INDEX_FILE)!r} is not a transformers-albef retrieval index")
-        if meta.get("version", 0) > INDEX_VERSION:
+            for modality, embeds in sources.items():
+                counts[modality] = 0
+                if embeds is None:
+                    continue
+
+                def encode(part, refs, shard_ids, writer, embeds=embeds):
+                    writer.add(torch.as_tensor(np.asarray(part.items), dtype=torch.float32), refs, shard_ids)
+
+                def refs_of(part, values=items[modality]):
+                    return [None] * len(part.items) if values is None else list(values[part.start : part.stop])
+
+                counts[modality] = _fill_modality(build, modality, embeds, ids[modality], refs_of, encode)
+        except BaseException as caught:  # every process reports to the others before anyone raises
+            error = caught
+        meta = {"model_name": model_name, "model_fingerprint": model_fingerprint}
+        return _open_built(build, counts, error, meta, search)
+
+
+def _modality(modality: str) -> str:
+    aliases = {"image": "images", "images": "images", "text": "texts", "texts": "texts"}
+    if modality not in aliases:
+        raise ValueError(f"modality must be 'images' or 'texts', got {modality!r}")
+    return aliases[modality]
+
+
+def _build_settings(fingerprint, embed_dim, max_length, clean_text, shard_size, cache_image_states, ids) -> dict:
+    """What the shards of a build depend on: a resumed build must have the same."""
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
+    return {
+        "format": INDEX_FORMAT,
+        "model_fingerprint": fingerprint,
+        "embed_dim": int(embed_dim),
+        "max_length": max_length,
+        "clean_text": clean_text,
+        "shard_size": shard_size,
+        "cache_image_states": cache_image_states,
+        "image_ids": ids["images"] is not None,
+        "text_ids": ids["texts"] is not None,
+    }
+
+
+def _fill_modality(build: ShardedBuild, modality: str, source, ids, refs_of, encode) -> int:
+    """Write this process's shards of one modality (those an interrupted build finished are checked and kept);
+    returns the number of items in the corpus. `refs_of(part)` gives the items' references (paths, texts),
+    `encode(part, refs, ids, writer)` writes the rows."""
+    what = modality[:-1]
+    total = 0
+    for part in corpus_shards(source, build.shard_size, build.mine):
+        if isinstance(part, int):
+            total += part
+            continue
+        count = len(part.items)
+        refs = refs_of(part)
+        shard_ids = None
+        if ids is not None:
+            shard_ids = list(ids[part.start : part.stop])
+            if len(shard_ids) != count:
+                raise ValueError(f"got {len(ids)} {what} ids for more {what}s; expected one id per {what}")
+        done = build.finished_shard(modality, part.number, part.start, count)
+        if done is not None:
+            _check_resumed_shard(done, refs, shard_ids, what)
+        else:
+            writer = build.writer(modality, part.number, part.start, ids is not None)
+            try:
+                encode(part, refs, shard_ids, writer)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        total += count
+    if ids is not None and len(ids) != total:
+        raise ValueError(f"got {len(ids)} {what} ids for {total} {what}s; expected one id per {what}")
+    return total
+
+
+def _check_resumed_shard(shard, refs: list, ids: list | None, what: str) -> None:
+    """A shard kept from an interrupted build must hold the items the corpus has there now."""
+    for name, now in (("item", refs), ("id", ids)):
+        if now is None:
+            continue
+        then = shard.column(name)
+        if then != now:
+            row = next(r for r, (a, b) in enumerate(zip(then, now)) if a != b)
             raise ValueError(
-                f"{str(path)!r} was written by a newer transformers-albef (index version {meta['version']}); "
-                f"this one reads version {INDEX_VERSION}"
+                f"{shard.folder}: the interrupted build wrote this shard for other {what}s ({what} "
+                f"{shard.start + row}: {then[row]!r:.80} then, {now[row]!r:.80} now); the corpus changed: pass "
+                "resume=False (--no-resume) to start over"
             )
-        missing = [
-            key for key in ("images", "texts", "image_ids", "text_ids", "max_length", "clean_text") if key not in meta
-        ]
-        if missing:
-            raise ValueError(
-                f"{str(path / INDEX_FILE)!r} lacks {', '.join(missing)}; the index is damaged, rebuild it"
-            )
-        tensors = load_file(path / EMBEDDINGS_FILE)
-        index = cls(
-            image_embeds=tensors.get("image_embeds"),
-            text_embeds=tensors.get("text_embeds"),
-            images=meta["images"],
-            texts=meta["texts"],
-            image_ids=meta["image_ids"],
-            text_ids=meta["text_ids"],
-            model_name=meta.get("model_name", ""),
-            model_fingerprint=meta.get("model_fingerprint", ""),
-            max_length=meta["max_length"],
-            clean_text=meta["clean_text"],
-            image_states_path=path / IMAGE_STATES_FILE if meta.get("image_states") else None,
-        )
-        index.path = path
-        return index
+
+
+def _open_built(build: ShardedBuild, counts, error, meta: dict, search: str) -> RetrievalIndex:
+    """Finish a build on every process and open the index; a temporary one is removed with the object."""
+    folder = build.complete(counts, error, meta)
+    try:
+        index = RetrievalIndex(folder, search=search)
+    except BaseException:
+        if build.scratch:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if build.scratch:
+        index.path = None
+        index._cleanup = weakref.finalize(index, shutil.rmtree, folder, True)
+    return index
+
+
+def _check_new_search(search: str) -> None:
+    """The search asked for a new index: an exact one or an approximate kind (built later with `build_ann`)."""
+    if search not in ("exact", "torch", "flat", *ANN_KINDS):
+        raise ValueError(f"unknown search {search!r}; expected {SEARCH_HELP}")
 
 
 class _PixelSource:
@@ -613,7 +836,7 @@ class RetrievalEngine:
     Args:
         model: the model; it is used in eval mode and no-grad, and restored to its mode afterwards.
         processor: its processor (images are resized to the model's size; texts follow ALBEF's convention).
-        batch_size: images or texts per tower forward.
+        batch_size: images or texts per tower forward (and query texts per search batch).
         image_chunk_size: images whose tower states are held at once while re-ranking or evaluating.
         fusion_batch_size: (image, text) pairs per fusion-encoder forward.
         max_length: text length in tokens (30 in the original evaluation); longer texts are truncated, with a
@@ -669,7 +892,7 @@ class RetrievalEngine:
     def max_length(self) -> int:
         return self.tokenizer.max_length
 
-    # ----- indexing -------------------------------------------------------------------------------------------------
+    # ----- indexing -----------------------------------------------------------------------------------------------
     def build_index(
         self,
         images: Iterable | torch.Tensor | None = None,
@@ -679,162 +902,164 @@ class RetrievalEngine:
         path: str | os.PathLike | None = None,
         overwrite: bool = False,
         cache_image_states: bool | None = None,
+        shard_size: int = DEFAULT_SHARD_SIZE,
+        resume: bool = True,
+        distributed: bool | None = None,
+        search: str = "exact",
     ) -> RetrievalIndex:
         """
         Index a corpus: the ITC embedding of every image and text, computed `batch_size` at a time while the items
-        are streamed.
+        are streamed, written in shards of `shard_size` items.
 
         Args:
             images: any iterable of PIL images, image file paths or `datasets` image dicts (e.g. `dataset["image"]`,
-                decoded or not), or a `(N, 3, H, W)` pixel tensor. Read once.
+                decoded or not), a folder of images, or a `(N, 3, H, W)` pixel tensor. Read once (per process).
             texts: any iterable of strings (captions).
-            image_ids / text_ids: an id per item (unique strings or ints); default: positions.
-            path: also save the index to this folder. The build writes into a temporary folder next to it and renames
-                it at the end, so an interrupted build leaves nothing at `path`.
-            overwrite: replace an existing index at `path`.
-            cache_image_states: keep the image tower states in `image_states.safetensors` (memory-mapped when read)
-                so re-ranking needs no image files. Default: only when some images cannot be reloaded from a file
-                (in-memory PIL images, pixel tensors). With `False` such images can only be searched with
-                `score="itc"`.
+            image_ids / text_ids: an id per item (unique strings or ints, a sequence); default: positions.
+            path: save the index to this folder. The build writes into `.NAME.build` next to it: every finished shard
+                stays there if the build is interrupted, and the next build with the same settings resumes from
+                them; the folder is renamed to `path` when complete, so `path` never holds a half-written index.
+                Without a path the index lives in a temporary folder until it is saved or garbage-collected.
+            overwrite: replace an index already at `path` (never a file or a folder that is not an index).
+            cache_image_states: keep the image tower states in the shards (memory-mapped when read) so re-ranking
+                needs no image file. Default (None): only for the images that cannot be reloaded from a file
+                (in-memory PIL images, pixel tensors). With `False` those can only be searched with `score="itc"`.
+            shard_size: items per shard (the unit of resumption and of work between processes).
+            resume: reuse the shards of an interrupted build at `path` (checked against the corpus); `False` discards
+                them.
+            distributed: with a `path`, split the shards between the torch.distributed processes (torchrun,
+                `accelerate launch`; default: when initialised with several). Call it on every process with the same
+                corpus: each embeds every `world_size`-th shard, the main process checks them all and moves the
+                index into place, and every process returns it.
+            search: the candidate search of the returned index (see [`RetrievalIndex.use_search`]).
         """
         if images is None and texts is None:
             raise ValueError("the corpus is empty: pass images, texts or both")
+        _check_new_search(search)
         if isinstance(images, (str, os.PathLike)):
             images = list_image_files(images) if os.path.isdir(images) else [images]
-        for items, ids, what in ((images, image_ids, "image"), (texts, text_ids, "text")):
-            if ids is not None and hasattr(items, "__len__"):
-                _check_ids(ids, len(items), what)  # early, before any encoding
+        if isinstance(texts, str):
+            texts = [texts]
+        ids = {"images": image_ids, "texts": text_ids}
+        for items, modality in ((images, "images"), (texts, "texts")):
+            if ids[modality] is not None:
+                if items is None:
+                    raise ValueError(f"{modality[:-1]}_ids without {modality}")
+                count = len(items) if hasattr(items, "__len__") else None
+                ids[modality] = _check_ids(ids[modality], count, modality[:-1])
+        if _is_pixel_tensor(images):
+            _check_pixel_tensor(images, "images")
         model = self.model
+        fingerprint = model_fingerprint(model)
+        settings = _build_settings(
+            fingerprint,
+            model.config.embed_dim,
+            self.max_length,
+            self.tokenizer.clean_text,
+            shard_size,
+            cache_image_states,
+            ids,
+        )
         path = Path(path) if path is not None else None
-        if path is not None and path.exists() and not overwrite:
-            raise FileExistsError(f"{str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it")
-        folder = _temporary_sibling(path, "tmp") if path is not None else None
-        scratch = None
+        processes = ProcessGroup(distributed if path is not None else False)
+        build = ShardedBuild(path, settings, overwrite, resume, processes)
+        counts, error = {"images": 0, "texts": 0}, None
         try:
             with _evaluating(model):
-                image_refs, image_embeds, states_file = [], None, None
                 if images is not None:
-                    if folder is None and cache_image_states is not False:
-                        scratch = Path(tempfile.mkdtemp(prefix="albef-index-"))
-                    image_refs, image_embeds, states_file = self._embed_images(
-                        images, folder or scratch, cache_image_states
-                    )
-                    if not image_refs:
+                    counts["images"] = self._index_images(build, images, ids["images"], cache_image_states)
+                    if not counts["images"]:
                         raise ValueError("the image corpus is empty; expected at least one image")
-                text_list, text_embeds = [], None
                 if texts is not None:
-                    text_list = _as_text_list(texts, "texts")
-                    input_ids, attention_mask = self.tokenizer(text_list, "text")
-                    text_embeds = self._embed_texts(input_ids, attention_mask)
-            index = RetrievalIndex(
-                image_embeds=image_embeds,
-                text_embeds=text_embeds,
-                images=image_refs,
-                texts=text_list,
-                image_ids=_check_ids(image_ids, len(image_refs), "image"),
-                text_ids=_check_ids(text_ids, len(text_list), "text"),
-                model_name=str(getattr(model, "name_or_path", "") or ""),
-                model_fingerprint=model_fingerprint(model),
-                max_length=self.max_length,
-                clean_text=self.tokenizer.clean_text,
-                image_states_path=states_file,
-            )
-            if states_file is None and scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-                scratch = None
-            if path is not None:
-                index._write_into(folder)
-                _move_into_place(folder, path, overwrite)
-                index._attach(path)
-        except BaseException:
-            # Interrupted or failed: nothing half-written stays behind.
-            for leftover in (folder, scratch):
-                if leftover is not None:
-                    shutil.rmtree(leftover, ignore_errors=True)
-            raise
-        if scratch is not None:
-            # An unsaved index's state cache lives in a temporary folder until the index is garbage-collected.
-            weakref.finalize(index, shutil.rmtree, scratch, True)
-        return index
+                    counts["texts"] = self._index_texts(build, texts, ids["texts"])
+                    if not counts["texts"]:
+                        raise ValueError("texts is empty; expected at least one text")
+        except BaseException as caught:  # every process reports to the others before anyone raises
+            error = caught
+        meta = {"model_name": str(getattr(model, "name_or_path", "") or ""), "model_fingerprint": fingerprint}
+        return _open_built(build, counts, error, meta, search)
 
-    def _embed_images(self, images, folder: Path | None, cache_image_states: bool | None):
-        """Stream the images: ITC embeddings, references, and the tower states written to `folder` when cached."""
-        model = self.model
-        if _is_pixel_tensor(images):
-            images = _check_pixel_tensor(images, "images")
-            batches = (((None,) * len(b), b) for b in images.split(self.batch_size))
-        else:
-            batches = self._image_batches(images)
-        total = len(images) if hasattr(images, "__len__") else None
-        refs, embeds, writer = [], [], None
-        bar = _progress(total, "indexing images", "image", self.progress)
+    def _index_images(self, build: ShardedBuild, images, ids, cache_image_states: bool | None) -> int:
+        """This process's image shards: ITC embeddings, references, and tower states where they are cached."""
+        model, tensor = self.model, _is_pixel_tensor(images)
+        show = self.progress and build.processes.rank == 0
+        bar = _progress(len(images) if hasattr(images, "__len__") else None, "indexing images", "image", show)
+        uncached = []
+
+        def refs_of(part):
+            return [None] * len(part.items) if tensor else [_image_reference(item) for item in part.items]
+
+        def encode(part, refs, shard_ids, writer):
+            for start in range(0, len(refs), self.batch_size):
+                batch = part.items[start : start + self.batch_size]
+                if not tensor:
+                    batch = self._pixels([_open_image(item, part.start + start + j) for j, item in enumerate(batch)])
+                states, embeds = _image_tower(model, batch)
+                batch_refs = refs[start : start + len(embeds)]
+                if cache_image_states is None:
+                    rows = [j for j, ref in enumerate(batch_refs) if ref is None]
+                else:
+                    rows = list(range(len(batch_refs))) if cache_image_states else []
+                    uncached.extend(j for j, ref in enumerate(batch_refs) if ref is None and not cache_image_states)
+                batch_ids = shard_ids[start : start + len(embeds)] if shard_ids is not None else None
+                rows = torch.tensor(rows, dtype=torch.long)
+                writer.add(embeds, batch_refs, batch_ids, states[rows.to(states.device)] if len(rows) else None, rows)
+                bar.update(len(embeds))
+
         try:
-            for batch_refs, pixel_values in batches:
-                states, batch_embeds = _image_tower(model, pixel_values)
-                if writer is None and folder is not None and cache_image_states is not False:
-                    # With cache_image_states=None, states are kept once an image without a file appears; the ones
-                    # before it are then recomputed here (they came from files), so the cache covers every image.
-                    if cache_image_states or any(r is None for r in batch_refs):
-                        writer = _StreamingTensorWriter(folder / IMAGE_STATES_FILE, "image_states")
-                        for start in range(0, len(refs), self.batch_size):
-                            earlier = [
-                                _open_image(r, start + j) for j, r in enumerate(refs[start : start + self.batch_size])
-                            ]
-                            writer.append(_image_tower(model, self._pixels(earlier))[0])
-                if writer is not None:
-                    writer.append(states)
-                refs.extend(batch_refs)
-                embeds.append(batch_embeds.float().cpu())
-                bar.update(len(batch_refs))
-            if writer is not None:
-                writer.close({"format": INDEX_FORMAT})
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
+            count = _fill_modality(build, "images", images, ids, refs_of, encode)
         finally:
             bar.close()
-        if writer is None and any(r is None for r in refs):
+        if uncached:
             logger.warning(
                 "some indexed images have no file to reload them from and their tower states are not cached: they can "
                 "only be searched with score='itc'"
             )
-        image_embeds = torch.cat(embeds) if embeds else None
-        return refs, image_embeds, (writer.path if writer is not None else None)
+        return count
+
+    def _index_texts(self, build: ShardedBuild, texts, ids) -> int:
+        show = self.progress and build.processes.rank == 0
+        bar = _progress(len(texts) if hasattr(texts, "__len__") else None, "indexing texts", "text", show)
+        too_long: list[int] = []
+
+        def refs_of(part):
+            for row, text in enumerate(part.items):
+                if not isinstance(text, str):
+                    raise ValueError(
+                        f"texts[{part.start + row}] must be a string, got {type(text).__name__} {text!r:.80}"
+                    )
+            return list(part.items)
+
+        def encode(part, refs, shard_ids, writer):
+            for start in range(0, len(refs), self.batch_size):
+                batch = refs[start : start + self.batch_size]
+                input_ids, mask = self.tokenizer(batch, "text", offset=part.start + start, too_long=too_long)
+                embeds = _text_tower(self.model, input_ids, mask)[1]
+                writer.add(embeds, batch, shard_ids[start : start + len(batch)] if shard_ids is not None else None)
+                bar.update(len(batch))
+
+        try:
+            count = _fill_modality(build, "texts", texts, ids, refs_of, encode)
+        finally:
+            bar.close()
+        self.tokenizer.warn_truncated(too_long, "text")
+        return count
 
     def _pixels(self, pil_images: list) -> torch.Tensor:
         return self.processor.image_processor(pil_images, return_tensors="pt")["pixel_values"]
 
-    def _image_batches(self, images: Iterable):
-        position = 0
-        for batch in _batches(images, self.batch_size):
-            refs = [_image_reference(item) for item in batch]
-            pil_images = [_open_image(item, position + j) for j, item in enumerate(batch)]
-            position += len(batch)
-            yield refs, self._pixels(pil_images)
-
-    def _embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        bar = _progress(len(input_ids), "indexing texts", "text", self.progress)
-        embeds = []
-        for start in range(0, len(input_ids), self.batch_size):
-            end = start + self.batch_size
-            embeds.append(_text_tower(self.model, input_ids[start:end], attention_mask[start:end])[1].float().cpu())
-            bar.update(len(embeds[-1]))
-        bar.close()
-        return torch.cat(embeds)
-
-    def load_index(self, path: str | os.PathLike) -> RetrievalIndex:
+    def load_index(self, path: str | os.PathLike, search: str = "exact", **search_options) -> RetrievalIndex:
         """Load a saved index and check that it fits this engine's model (embedding size; a different weight
-        fingerprint only warns: the ranking would be meaningless unless it is the same model)."""
-        index = RetrievalIndex.load(path)
+        fingerprint only warns: the ranking would be meaningless unless it is the same model). `search` and
+        `search_options`: see [`RetrievalIndex.load`]."""
+        index = RetrievalIndex.load(path, search=search, **search_options)
         self._check_index(index)
         return index
 
     def _check_index(self, index: RetrievalIndex) -> None:
-        embeds = index.image_embeds if index.image_embeds is not None else index.text_embeds
-        if embeds is not None and embeds.shape[1] != self.model.config.embed_dim:
+        if (index.num_images or index.num_texts) and index.embed_dim != self.model.config.embed_dim:
             raise ValueError(
-                f"the index holds {embeds.shape[1]}-d embeddings but the model's embed_dim is "
+                f"the index holds {index.embed_dim}-d embeddings but the model's embed_dim is "
                 f"{self.model.config.embed_dim}; it was built with another model ({index.model_name!r})"
             )
         fingerprint = model_fingerprint(self.model)
@@ -853,7 +1078,7 @@ class RetrievalEngine:
                 f"this engine uses {self.max_length}, {self.tokenizer.clean_text!r}"
             )
 
-    # ----- search ---------------------------------------------------------------------------------------------------
+    # ----- search -------------------------------------------------------------------------------------------------
     def _resolve_k(self, k: int | None, available: int, what: str) -> int:
         if k is None:
             return min(self.model.config.retrieval_k, available)
@@ -868,8 +1093,10 @@ class RetrievalEngine:
     ) -> list[RetrievalResult]:
         """
         Search the index's images for each text: the top `k` images by ITC similarity (default:
-        `model.config.retrieval_k`, capped at the corpus size), re-ranked by `score` (`"itm"`: the ITM match logit, as
-        the original; `"itm+itc"`: plus the ITC similarity, as LAVIS; `"itc"`: no re-ranking). One result per text.
+        `model.config.retrieval_k`, capped at the corpus size; found by the index's search, exact unless an
+        approximate one was chosen), re-ranked by `score` (`"itm"`: the ITM match logit, as the original;
+        `"itm+itc"`: plus the ITC similarity, as LAVIS; `"itc"`: no re-ranking). One result per text. Queries are
+        encoded, searched and re-ranked `batch_size` at a time: memory does not grow with the corpus.
         """
         _check_score_mode(score)
         _check_itm_head(self.model, score)
@@ -878,19 +1105,19 @@ class RetrievalEngine:
             raise ValueError("the index holds no images; build it with images=... to search text -> image")
         self._check_index(index)
         k = self._resolve_k(k, index.num_images, "images")
-        input_ids, attention_mask = self.tokenizer(texts, "query text")
+        too_long: list[int] = []
         results = []
         with _evaluating(self.model):
-            image_embeds = index.image_embeds.to(self.model.device, torch.float32)
             for start in range(0, len(texts), self.batch_size):
-                ids, mask = input_ids[start : start + self.batch_size], attention_mask[start : start + self.batch_size]
+                batch = texts[start : start + self.batch_size]
+                ids, mask = self.tokenizer(batch, "query text", offset=start, too_long=too_long)
                 text_states, text_embeds = _text_tower(self.model, ids, mask)
-                itc, top = (text_embeds.float() @ image_embeds.t()).topk(k, dim=1)
-                itc, top = itc.cpu(), top.cpu()
+                itc, top = index.search("images", text_embeds.float(), k, device=self.model.device)
                 scores = itc.clone()
                 if score != "itc":
-                    queries = torch.arange(len(ids)).repeat_interleave(k)
-                    candidates = top.flatten()
+                    valid = top >= 0
+                    queries = torch.arange(len(ids))[:, None].expand_as(top)[valid]
+                    candidates = top[valid]
                     order = torch.argsort(candidates, stable=True)
                     itm = torch.empty(len(candidates))
                     itm[order] = _fuse_pairs_by_image_chunk(
@@ -905,14 +1132,13 @@ class RetrievalEngine:
                         self.fusion_batch_size,
                         False,
                     )
-                    itm = itm.view(len(ids), k)
-                    scores = itm + itc if score == "itm+itc" else itm
+                    scores = torch.full_like(itc, -math.inf)
+                    scores[valid] = itm + itc[valid] if score == "itm+itc" else itm
                 for row in range(len(ids)):
                     results.append(
-                        self._result(
-                            texts[start + row], top[row], scores[row], itc[row], index.image_ids, index.images
-                        )
+                        self._result(batch[row], top[row], scores[row], itc[row], index.image_ids, index.images)
                     )
+        self.tokenizer.warn_truncated(too_long, "query text")
         return results
 
     def image_to_text(
@@ -932,7 +1158,6 @@ class RetrievalEngine:
         k = self._resolve_k(k, index.num_texts, "texts")
         results = []
         with _evaluating(self.model):
-            text_embeds = index.text_embeds.to(self.model.device, torch.float32)
             for refs, pixel_values in self._query_image_batches(images):
                 image_states, image_embeds = [], []
                 for b in range(0, len(pixel_values), self.batch_size):
@@ -940,15 +1165,21 @@ class RetrievalEngine:
                     image_states.append(states)
                     image_embeds.append(embeds)
                 image_states, image_embeds = torch.cat(image_states), torch.cat(image_embeds)
-                itc, top = (image_embeds.float() @ text_embeds.t()).topk(k, dim=1)
-                itc, top = itc.cpu(), top.cpu()
+                itc, top = index.search("texts", image_embeds.float(), k, device=self.model.device)
                 scores = itc.clone()
                 if score != "itc":
+                    valid = top >= 0
                     # Only the candidates' texts are encoded again (their truncation was reported when indexing).
-                    candidates, candidate_rows = torch.unique(top.flatten(), return_inverse=True)
-                    candidate_texts = [index.texts[i] for i in candidates.tolist()]
+                    candidates, candidate_rows = torch.unique(top[valid], return_inverse=True)
+                    candidate_texts = index.texts.take(candidates.tolist())
+                    missing = [int(c) for c, t in zip(candidates, candidate_texts) if t is None]
+                    if missing:
+                        raise ValueError(
+                            f"text {missing[0]} of the index was indexed without its text, so it cannot be re-ranked; "
+                            "search with score='itc'"
+                        )
                     ids, mask = self.tokenizer(candidate_texts, "indexed text", warn=False)
-                    queries = torch.arange(len(refs)).repeat_interleave(k)
+                    queries = torch.arange(len(refs))[:, None].expand_as(top)[valid]
                     itm = _fuse_pairs_by_image_chunk(
                         self.model,
                         queries,
@@ -960,8 +1191,9 @@ class RetrievalEngine:
                         self.batch_size,
                         self.fusion_batch_size,
                         False,
-                    ).view(len(refs), k)
-                    scores = itm + itc if score == "itm+itc" else itm
+                    )
+                    scores = torch.full_like(itc, -math.inf)
+                    scores[valid] = itm + itc[valid] if score == "itm+itc" else itm
                 for row, ref in enumerate(refs):
                     results.append(self._result(ref, top[row], scores[row], itc[row], index.text_ids, index.texts))
         return results
@@ -978,11 +1210,16 @@ class RetrievalEngine:
             yield [_image_reference(item) for item in batch], self._pixels(pil_images)
 
     def _index_image_states(self, index: RetrievalIndex, indices: torch.Tensor) -> torch.Tensor:
-        """Tower states of the index's images at `indices`: from the cache, or recomputed from their files."""
-        if index.has_image_states:
-            return index.image_states(indices).to(self.model.device, self.model.dtype)
-        refs = [index.images[i] for i in indices.tolist()]
-        missing = [i for i, ref in zip(indices.tolist(), refs) if ref is None]
+        """Tower states of the index's images at `indices`: cached ones read from the shards, the others recomputed
+        from their files."""
+        model = self.model
+        indices = indices.cpu()
+        cached = index.cached_states(indices)
+        if cached.all():
+            return index.image_states(indices).to(model.device, model.dtype)
+        recompute = indices[~cached]
+        refs = index.images.take(recompute.tolist())
+        missing = [i for i, ref in zip(recompute.tolist(), refs) if ref is None]
         if missing:
             raise ValueError(
                 f"image {missing[0]} of the index has no file and the index keeps no tower states, so it cannot be "
@@ -991,24 +1228,33 @@ class RetrievalEngine:
         states = []
         for start in range(0, len(refs), self.batch_size):
             batch = refs[start : start + self.batch_size]
-            pil_images = [_open_image(ref, f"{indices[start + j].item()} of the index") for j, ref in enumerate(batch)]
-            states.append(_image_tower(self.model, self._pixels(pil_images))[0])
-        return torch.cat(states)
+            where = recompute[start : start + len(batch)].tolist()
+            pil_images = [_open_image(ref, f"{i} of the index") for i, ref in zip(where, batch)]
+            states.append(_image_tower(model, self._pixels(pil_images))[0])
+        states = torch.cat(states)
+        if not cached.any():
+            return states
+        out = states.new_empty((len(indices), *states.shape[1:]))
+        out[(~cached).to(out.device)] = states
+        out[cached.to(out.device)] = index.image_states(indices[cached]).to(out.device, out.dtype)
+        return out
 
     @staticmethod
     def _result(query, top, scores, itc, ids, items) -> RetrievalResult:
+        found = top >= 0
+        top, scores, itc = top[found], scores[found], itc[found]
         order = torch.argsort(scores, descending=True, stable=True)
         positions = top[order].tolist()
         return RetrievalResult(
             query=query,
-            ids=[ids[p] for p in positions],
-            items=[items[p] for p in positions],
+            ids=ids.take(positions),
+            items=items.take(positions),
             scores=scores[order].tolist(),
             itc_scores=itc[order].tolist(),
             indices=positions,
         )
 
-    # ----- evaluation -----------------------------------------------------------------------------------------------
+    # ----- evaluation ---------------------------------------------------------------------------------------------
     def score_matrices(
         self,
         images,
