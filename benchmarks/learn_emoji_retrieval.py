@@ -152,7 +152,8 @@ def evaluate(model, processor, records: list[dict], image_root: Path, k: int) ->
     identity = list(range(len(records)))
     recalls = recall_at_k(score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), identity, [[i] for i in identity])
     # ITC alone (no ITM re-ranking), to see what each stage contributes.
-    sims = model.get_image_features(pixel_values).pooler_output @ model.get_text_features(input_ids, attention_mask).pooler_output.t()
+    image_embeds = model.get_image_features(pixel_values).pooler_output
+    sims = image_embeds @ model.get_text_features(input_ids, attention_mask).pooler_output.t()
     sims = sims.cpu()
     itc = recall_at_k(sims.numpy(), sims.t().numpy(), identity, [[i] for i in identity])
     return {**recalls, **{f"itc_{key}": value for key, value in itc.items()}}
