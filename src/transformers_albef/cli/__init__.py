@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and not getattr(args, "accepts_any_arguments", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.command_line = shlex.join(["albef", *argv])
+    # transformers' "Loading weights" bars say nothing a user can act on; the commands show their own progress.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     return run_command(args.func, args, prog=f"albef {args.command}", debug=args.debug)
 
 
