@@ -5,8 +5,9 @@
     python scripts/export_bundled.py --task vqa --model runs/easy-vqa/model \
         --answer-list runs/easy-vqa/data/answer_list.json --card model_cards/bundled-vqa.md
 
-After a change to the model folder (`src/transformers_albef/models/albef/`), refresh the code files the bundles carry
-(they load as remote code without this package, like any folder `save_pretrained` writes):
+A bundle lives inside the package, which loads it through its own registrations: unlike a folder `save_pretrained`
+writes elsewhere, it carries no copy of the model folder's code and no `auto_map` (a copy could only go stale). To
+re-export both bundles from themselves (e.g. after a change to what `save_pretrained` writes):
 
     python scripts/export_bundled.py --refresh
 
@@ -51,9 +52,24 @@ def export(
         config["dtype"] = "float32"
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         processor.save_pretrained(staging)
+        _drop_remote_code(staging)
         if card is not None:
             shutil.copyfile(card, staging / "README.md")
     return output
+
+
+def _drop_remote_code(folder: Path) -> None:
+    """Remove the code files and `auto_map` entries `save_pretrained` writes for remote code (see the docstring)."""
+    for code in folder.glob("*.py"):
+        code.unlink()
+    for name in ("config.json", "processor_config.json", "tokenizer_config.json", "preprocessor_config.json"):
+        path = folder / name
+        if path.is_file():
+            config = json.loads(path.read_text())
+            config.pop("auto_map", None)
+            if isinstance(config.get("image_processor"), dict):
+                config["image_processor"].pop("auto_map", None)
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_answer_list(path: Path) -> list[str]:
@@ -73,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(CLASSES))
     parser.add_argument("--model", type=Path, help="trained model folder (save_pretrained)")
-    parser.add_argument("--refresh", action="store_true", help="re-export every bundle from itself (code files)")
+    parser.add_argument("--refresh", action="store_true", help="re-export every bundle from itself")
     parser.add_argument("--answer-list", type=Path, help="VQA: answer_list.json stored in the config")
     parser.add_argument("--card", type=Path, help="model card (markdown) saved as README.md")
     parser.add_argument("--output", type=Path, help="default: the package's bundled folder for the task")

@@ -123,16 +123,11 @@ def test_every_head_loads_as_remote_code_without_the_package(tmp_path):
     assert {got["tokenizer"] for got in report.values()} == {"AlbefTokenizer"}
 
 
-def test_bundled_models_carry_the_current_model_folder():
-    """The bundled folders load as remote code too; their code files must be today's (refresh them with
-    `python scripts/export_bundled.py --refresh`)."""
-    from pathlib import Path
-
-    model_folder = Path(ta.__file__).parent / "models" / "albef"
-    for task in ("retrieval", "vqa"):
+def test_bundled_models_load_through_the_package_and_carry_no_code_copy():
+    """The bundles live inside the package (its registrations load them): no stale copy of the model folder's code."""
+    for task, cls in (("retrieval", ta.AlbefForRetrieval), ("vqa", ta.AlbefForQuestionAnswering)):
         folder = ta.bundled_model_path(task)
-        names = {path.name for path in model_folder.glob("*_albef.py")}
-        assert names == {path.name for path in folder.glob("*.py")}
-        for name in names:
-            assert (folder / name).read_bytes() == (model_folder / name).read_bytes(), f"{task}/{name} is stale"
-        assert "auto_map" in json.loads((folder / "config.json").read_text())
+        assert not list(folder.glob("*.py"))
+        assert "auto_map" not in json.loads((folder / "config.json").read_text())
+        assert type(cls.from_pretrained(folder)) is cls
+        assert type(ta.AlbefProcessor.from_pretrained(folder).tokenizer) is ta.AlbefTokenizer
