@@ -48,6 +48,12 @@ def attend(module: nn.Module, query, key, value, attention_mask, **kwargs):
     return attention(module, query, key, value, attention_mask, scaling=module.scaling, dropout=dropout, **kwargs)
 
 
+def _readable_on_host(tensor: torch.Tensor) -> bool:
+    """Whether validating `tensor`'s values is free: a CPU tensor outside torch.compile. On an accelerator each read
+    would stall the queue (and break CUDA graphs), so input checks that need values run only here."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -550,12 +556,7 @@ class AlbefVisionModel(AlbefPreTrainedModel):
                 f"pixel_values must be floating point (normalised by the model's image processor), got "
                 f"{pixel_values.dtype}: run the images through AlbefImageProcessor / AlbefProcessor first"
             )
-        # Read only where that costs no device synchronisation (a CPU tensor, outside torch.compile).
-        if (
-            pixel_values.device.type == "cpu"
-            and not torch.compiler.is_compiling()
-            and not bool(torch.isfinite(pixel_values).all())
-        ):
+        if _readable_on_host(pixel_values) and not bool(torch.isfinite(pixel_values).all()):
             bad = (~torch.isfinite(pixel_values)).flatten(1).any(1).nonzero().flatten().tolist()
             raise ValueError(f"pixel_values of images {bad} hold NaN or infinite values")
 
@@ -998,7 +999,7 @@ class AlbefTextModel(AlbefPreTrainedModel):
                 f"truncate it (the processor does: truncation=True, max_length=...)"
             )
         vocab = self.config.vocab_size
-        if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        if _readable_on_host(input_ids):
             low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= vocab:
                 raise ValueError(
@@ -1015,13 +1016,8 @@ class AlbefTextModel(AlbefPreTrainedModel):
                 f"attention_mask must be ({batch}, {length}) like the text (cached positions included), got "
                 f"{tuple(attention_mask.shape)}"
             )
-        # Read only where that costs no device synchronisation (a CPU mask, outside torch.compile): on an
-        # accelerator every read would stall the queue. The processor always attends [CLS].
-        if (
-            attention_mask.device.type == "cpu"
-            and not torch.compiler.is_compiling()
-            and not bool((attention_mask[:, :1] != 0).all())
-        ):
+        # The processor always attends [CLS]; a hand-made mask is checked where that is free.
+        if _readable_on_host(attention_mask) and not bool((attention_mask[:, :1] != 0).all()):
             empty = (attention_mask[:, 0] == 0).nonzero().flatten().tolist()
             raise ValueError(
                 f"texts {empty} have attention_mask 0 at position 0; every text starts with an attended [CLS]"
