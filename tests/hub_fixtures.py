@@ -80,3 +80,25 @@ def hub_fixture(tmp_path_factory, monkeypatch):
         yield server
     finally:
         server.stop()
+
+
+# The start of a child script (`python -I -c`) in which this package cannot be imported, even where it is installed
+# (editable installs included): what a user without it has, for remote-code tests.
+WITHOUT_THE_PACKAGE = r"""
+import importlib.abc, json, sys
+
+
+class HidePackage(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "transformers_albef":
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
+
+
+sys.meta_path.insert(0, HidePackage())
+try:
+    import transformers_albef
+except ModuleNotFoundError:
+    pass
+else:
+    raise SystemExit("transformers_albef is importable")
+"""

@@ -25,7 +25,7 @@ from transformers_albef.hub import (
     unreachable_code_files,
 )
 
-from .hub_fixtures import hub_fixture  # noqa: F401  (the `hub` fixture)
+from .hub_fixtures import WITHOUT_THE_PACKAGE, hub_fixture  # noqa: F401  (the `hub` fixture)
 from .parity_utils import load_fixture
 from .parity_utils import tiny_config as fixture_config
 from .tiny_models import tiny_config
@@ -167,25 +167,8 @@ def test_push_then_from_pretrained_gives_identical_outputs(hub, assets):
 
 
 CHILD = (
-    r"""
-import importlib.abc, json, sys
-
-
-class HidePackage(importlib.abc.MetaPathFinder):
-    # Makes transformers_albef unimportable here even where it is installed (editable installs included).
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "transformers_albef":
-            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
-
-
-sys.meta_path.insert(0, HidePackage())
-try:
-    import transformers_albef
-except ModuleNotFoundError:
-    pass
-else:
-    raise SystemExit("transformers_albef is importable")
-
+    WITHOUT_THE_PACKAGE
+    + r"""
 import transformers
 from safetensors.torch import save_file
 from transformers.dynamic_module_utils import get_class_from_dynamic_module

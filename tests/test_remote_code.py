@@ -10,26 +10,12 @@ from safetensors.torch import load_file, save_file
 
 import transformers_albef as ta
 
+from .hub_fixtures import WITHOUT_THE_PACKAGE
 from .tiny_models import TWO_IMAGES, tiny_batch, tiny_config
 
-CHILD = r"""
-import importlib.abc, json, sys
-
-
-class HidePackage(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] == "transformers_albef":
-            raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
-
-
-sys.meta_path.insert(0, HidePackage())
-try:
-    import transformers_albef
-except ModuleNotFoundError:
-    pass
-else:
-    raise SystemExit("transformers_albef is importable")
-
+CHILD = (
+    WITHOUT_THE_PACKAGE
+    + r"""
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -55,6 +41,7 @@ for case in json.loads(sys.argv[1]):
     }
 json.dump(report, open(sys.argv[2], "w"))
 """
+)
 
 
 def cases():
