@@ -8,6 +8,9 @@ so a Hub repo carries it as remote code.
 """
 
 import copy
+import functools
+import importlib
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -788,9 +791,6 @@ def _as_list(states):
 def _hidden_state_indices_of_the_mode(forward):
     """`output_hidden_states` may select hidden states by index; negative indices count from the last layer that the
     call's `mode` runs (transformers would count from `num_hidden_layers`, a layer `mode="text"` never reaches)."""
-    import functools
-    import inspect
-
     signature = inspect.signature(forward)
 
     @functools.wraps(forward)
@@ -1163,8 +1163,6 @@ def _grouped_batches(sorted_images: torch.Tensor, pair_order: torch.Tensor, max_
 
 def _package_tool(module: str, name: str, what: str):
     """`transformers_albef.<module>.<name>`: tools live in the package, which remote-code models may lack."""
-    import importlib
-
     try:
         return getattr(importlib.import_module(f"transformers_albef.{module}"), name)
     except ImportError as error:

@@ -5,10 +5,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+from transformers import BertTokenizer
 from transformers.image_processing_base import BatchFeature
 from transformers.image_utils import ImageInput
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, TextKwargs, Unpack
 from transformers.tokenization_utils_base import BatchEncoding, TruncationStrategy
+
+from .image_processing_albef import AlbefImageProcessor
+from .tokenization_albef import AlbefTokenizer
 
 # The original cleaning deletes these characters, and turns hyphens and slashes into spaces.
 _DELETED_CHARACTERS = re.compile(r"[,.'!?\"()*#:;~]")
@@ -108,10 +112,6 @@ class AlbefProcessor(ProcessorMixin):
         missing = [name for name in ("cls_token", "sep_token", "pad_token") if getattr(tokenizer, name) is None]
         if missing:
             raise ValueError(f"AlbefProcessor needs a tokenizer with {', '.join(missing)} set.")
-        from transformers import BertTokenizer
-
-        from .tokenization_albef import AlbefTokenizer
-
         special = {
             tokenizer.cls_token,
             tokenizer.sep_token,
@@ -138,8 +138,6 @@ class AlbefProcessor(ProcessorMixin):
     @classmethod
     def from_bert_vocab(cls, image_size: int = 384, vocab_file: str | Path | None = None) -> "AlbefProcessor":
         """ALBEF's processor from a WordPiece vocabulary (default: the bundled bert-base-uncased one), no download."""
-        from .image_processing_albef import AlbefImageProcessor
-        from .tokenization_albef import AlbefTokenizer
 
         tokenizer = AlbefTokenizer(vocab=str(vocab_file or BERT_VOCAB), model_max_length=512)
         return cls(AlbefImageProcessor(size=image_size), tokenizer)
