@@ -167,7 +167,7 @@ def build(cls, config):
 
 
 def retrieval_rows(model, plan, repeats, slow_repeats) -> list[Row]:
-    from transformers_albef.retrieval import encode_for_retrieval
+    from transformers_albef.models.albef.modeling_albef import encode_for_retrieval
 
     size, vocab = plan["image_size"], model.config.text_config.vocab_size
     g = torch.Generator().manual_seed(1)

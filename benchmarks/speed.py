@@ -721,7 +721,8 @@ def agreement_checks(device: torch.device, scale: float, retrieval_path=None, vq
     trained models (`retrieval_path` / `vqa_path`,
     default: the bundled ones) and their kind of data when available (random tiny models and inputs otherwise)."""
     import transformers_albef as ta
-    from transformers_albef.retrieval import encode_for_retrieval, retrieval_score_matrices
+    from transformers_albef.models.albef.modeling_albef import encode_for_retrieval
+    from transformers_albef.retrieval import retrieval_score_matrices
 
     try:
         from transformers_albef.bundled import bundled_model_path

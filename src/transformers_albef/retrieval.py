@@ -18,8 +18,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .models.albef.modeling_albef import encode_for_retrieval, rerank_encoded
-
 SCORE_MODES = ("itm", "itm+itc", "itc")
 # Images per block of the ITC similarity matrix: 4096 x 25K captions is 400 MB in float32.
 SIMILARITY_BLOCK_SIZE = 4096
@@ -28,8 +26,8 @@ SIMILARITY_BLOCK_SIZE = 4096
 @torch.no_grad()
 def retrieval_score_matrices(model, pixel_values, input_ids, attention_mask, k: int):
     """(score_i2t (images, texts), score_t2i (texts, images)) exactly as the original evaluation (the whole corpus in
-    memory; `chunked_retrieval_score_matrices` bounds it)."""
-    return rerank_encoded(model, *encode_for_retrieval(model, pixel_values, input_ids, attention_mask), k=k)
+    memory; `chunked_retrieval_score_matrices` bounds it). The model's own `retrieval_scores`."""
+    return model.retrieval_scores(pixel_values, input_ids, attention_mask, k=k)
 
 
 # ----- shared by the bounded evaluation and the search engine --------------------------------------------------------

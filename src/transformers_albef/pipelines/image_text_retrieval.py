@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers.pipelines.base import Pipeline
 
-from ..retrieval import encode_for_retrieval, rerank_encoded
+from ..models.albef.modeling_albef import encode_for_retrieval, rerank_encoded
 from .base import AlbefPipelineMixin, as_list, check_texts
 
 
