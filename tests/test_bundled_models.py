@@ -4,7 +4,9 @@ when they were trained, on data they never saw (emoji drawings held out of pre-t
 The thresholds sit a little under the measured values (model_cards/bundled-*.md): a regression in the model code,
 the processor or the weights fails here."""
 
+import importlib.util
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,12 +17,20 @@ from transformers import AutoModel, AutoProcessor
 import transformers_albef as ta
 from transformers_albef.retrieval import recall_at_k, retrieval_score_matrices
 
+REPO = Path(__file__).resolve().parent.parent
 EVAL_DATA = Path(__file__).parent / "fixtures" / "bundled_eval"
-MAX_BUNDLE_BYTES = 25 * 10**6
+MAX_BUNDLE_BYTES = 40 * 10**6
+# The GPU machines that train and benchmark accept a working tree of at most 64 MiB.
+MAX_TRACKED_TREE_BYTES = 60 * 10**6
 
 # Measured with the committed weights (see the model cards); the thresholds sit a little below.
-# Text->image R@5 (%) measured: new drawings 12.2 (chance 2.7), unseen emoji 8.2 (chance 2.6); VQA accuracy below.
-RETRIEVAL_TEXT_TO_IMAGE_R5 = {"emoji_new_drawings_noto.json": 10.0, "emoji_unseen_twemoji.json": 6.0}
+# Text->image R@5 (%) measured: new drawings 66.0 (chance 2.7), unseen emoji 32.0 (chance 2.6); VQA accuracy below.
+RETRIEVAL_TEXT_TO_IMAGE_R5 = {"emoji_new_drawings_noto.json": 60.0, "emoji_unseen_twemoji.json": 28.0}
+# New drawings, % of pairs: p(match) > 0.5 on true pairs measured 42, < 0.5 on hardest ITC negatives 79 (the issue
+# asks 80 / 80: not met yet, see benchmarks/LEARNING.md); pointing game 87.8 as drawn (chance 64.2), 93.6 at half
+# size placed at random (chance 16.1).
+ITM_TRUE_ABOVE_HALF, ITM_HARDEST_NEGATIVE_BELOW_HALF = 35.0, 72.0
+POINTING_GAME, POINTING_GAME_PLACED = 80.0, 85.0
 VQA_ACCURACY = 0.92  # measured 0.9416 on these 924 questions (0.9514 on the full easy-vqa test split)
 
 
@@ -36,7 +46,18 @@ def test_bundle_size_and_layout():
             p.name for p in folder.iterdir()
         }
         total += sum(p.stat().st_size for p in folder.iterdir())
-    assert total <= MAX_BUNDLE_BYTES, f"bundled models take {total / 1e6:.1f} MB, budget 25 MB"
+    budget = MAX_BUNDLE_BYTES / 1e6
+    assert total <= MAX_BUNDLE_BYTES, f"bundled models take {total / 1e6:.1f} MB, budget {budget:.0f} MB"
+
+
+def test_tracked_tree_fits_the_gpu_machines():
+    """Every tracked file together stays under 60 MB (the machines that train and benchmark take at most 64 MiB)."""
+    listing = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True)
+    if listing.returncode != 0:
+        pytest.skip("not a git checkout")
+    files = [REPO / name for name in listing.stdout.decode().split("\0") if name]
+    total = sum(f.stat().st_size for f in files if f.is_file())
+    assert total < MAX_TRACKED_TREE_BYTES, f"tracked files take {total / 1e6:.1f} MB, budget 60 MB"
 
 
 def test_unknown_task_is_refused():
@@ -98,3 +119,42 @@ def test_vqa_accuracy_on_easy_vqa_test_questions():
     accuracy = correct / len(records)
     print(f"easy-vqa test subset ({len(records)} questions): accuracy {accuracy:.4f}")
     assert accuracy >= VQA_ACCURACY
+
+
+def _learn_emoji_retrieval():
+    """benchmarks/learn_emoji_retrieval.py: the evaluation the LEARNING.md rows and the model card quote."""
+    spec = importlib.util.spec_from_file_location(
+        "albef_learn_emoji_retrieval", REPO / "benchmarks" / "learn_emoji_retrieval.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def new_drawings_evaluation():
+    """The bundled retrieval model on the 188 held-out Noto drawings: recalls, ITM calibration, pointing game."""
+    learn = _learn_emoji_retrieval()
+    path = ta.bundled_model_path("retrieval")
+    model = ta.AlbefForRetrieval.from_pretrained(path).eval()
+    processor = ta.AlbefProcessor.from_pretrained(path)
+    records = json.loads((EVAL_DATA / "emoji_new_drawings_noto.json").read_text())
+    return learn.evaluate(model, processor, records, EVAL_DATA / "images", k=32)
+
+
+def test_itm_is_calibrated_on_held_out_pairs(new_drawings_evaluation):
+    """p(match) > 0.5 for true pairs and < 0.5 for their hardest ITC negatives (both directions)."""
+    result = new_drawings_evaluation
+    print({key: round(value, 1) for key, value in result.items() if key.startswith("itm_")})
+    assert result["itm_true_above_half"] >= ITM_TRUE_ABOVE_HALF
+    assert result["itm_hardest_negative_below_half"] >= ITM_HARDEST_NEGATIVE_BELOW_HALF
+
+
+def test_grounding_points_at_the_object(new_drawings_evaluation):
+    """The peak of the whole-caption Grad-CAM map falls on the drawing (its alpha channel, masks/), as drawn and at
+    half size placed at random on white, far more often than a random point."""
+    result = new_drawings_evaluation
+    print({key: round(value, 1) for key, value in result.items() if key.startswith("pointing")})
+    assert result["pointing_game"] >= POINTING_GAME
+    assert result["pointing_game_placed"] >= POINTING_GAME_PLACED
+    assert result["pointing_game_placed"] >= 2 * result["pointing_chance_placed"]

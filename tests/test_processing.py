@@ -2,15 +2,20 @@
 
 The fixtures under `fixtures/processing/` were produced by the original salesforce/ALBEF code (see
 `fixtures/NOTICE`); `fixtures/bert-base-uncased-vocab.txt` is the real bert-base-uncased vocabulary.
+`images.safetensors` is stored in a smaller, lossless form: `load_images` rebuilds the original float32 arrays
+bit for bit (checked against the sha256 of the original arrays, and against the original file when it is present).
 """
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file
 from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, BertTokenizer
 from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
@@ -28,8 +33,41 @@ CLS, SEP, PAD = 101, 102, 0
 
 CLEANING_CASES = json.loads((PROCESSING / "text_cleaning.json").read_text(encoding="utf-8"))["cases"]
 TOKENIZATION = json.loads((PROCESSING / "tokenization.json").read_text(encoding="utf-8"))
-IMAGES = load_file(PROCESSING / "images.safetensors")
-IMAGE_NAMES = sorted({key.split(".", 1)[1] for key in IMAGES})
+# The original files (read-only), when this checkout sits next to them; the tests comparing with them skip otherwise.
+SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fixtures"
+REFERENCE_FIXTURES = Path(os.environ.get("ALBEF_REFERENCE_FIXTURES", SHARED_FIXTURES))
+
+
+def rebuild_pixel_values(resized: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """The original's ToTensor + Normalize on a (3, S, S) uint8 image, in the same float32 arithmetic."""
+    return (resized.astype(np.float32) / np.float32(255) - mean[:, None, None]) / std[:, None, None]
+
+
+def load_images(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """The arrays of the original images.safetensors (`source_raw.*`, `source_rgb.*`, `pixel_values_{256,384}.*`).
+
+    The file stores `source_raw.*`, the resized uint8 images `resized_{256,384}.*` (3, S, S) and the CLIP
+    `normalize.mean` / `normalize.std` (float32) the original used; `source_rgb.*` is `.convert("RGB")` of
+    `source_raw.*`, as the original did. Returns the arrays and the sha256 of the original arrays (file metadata).
+    """
+    stored = load_file(path)
+    with safe_open(path, framework="np") as handle:
+        sha256 = json.loads(handle.metadata()["sha256"])
+    mean, std = stored["normalize.mean"], stored["normalize.std"]
+    assert mean.dtype == std.dtype == np.float32
+    images = {}
+    for key, array in stored.items():
+        kind, name = key.split(".", 1)
+        if kind == "source_raw":
+            images[key] = array
+            images[f"source_rgb.{name}"] = np.asarray(PIL.Image.fromarray(array).convert("RGB"))
+        elif kind.startswith("resized_"):
+            images[f"pixel_values_{kind.removeprefix('resized_')}.{name}"] = rebuild_pixel_values(array, mean, std)
+    return images, sha256
+
+
+IMAGES, IMAGES_SHA256 = load_images(PROCESSING / "images.safetensors")
+IMAGE_NAMES = sorted(key.split(".", 1)[1] for key in IMAGES if key.startswith("source_raw."))
 
 
 def build_tokenizer() -> BertTokenizer:
@@ -175,6 +213,36 @@ def test_padding_options(processor):
 
 
 # Images
+
+
+def test_image_fixture_rebuilds_original_arrays():
+    """The rebuilt arrays are the original's, bit for bit (sha256 of the original file's float32 / uint8 arrays)."""
+    kinds = ("source_rgb", "pixel_values_256", "pixel_values_384")
+    expected_keys = {f"{kind}.{name}" for kind in kinds for name in IMAGE_NAMES}
+    assert set(IMAGES_SHA256) == expected_keys
+    assert len(IMAGE_NAMES) == 4
+    for key, digest in IMAGES_SHA256.items():
+        array = IMAGES[key]
+        if key.startswith("pixel_values_"):
+            size = int(key.split(".", 1)[0].removeprefix("pixel_values_"))
+            assert array.dtype == np.float32 and array.shape == (3, size, size)
+        else:
+            assert array.dtype == np.uint8
+        assert hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest() == digest, key
+
+
+@pytest.mark.skipif(
+    not (REFERENCE_FIXTURES / "processing" / "images.safetensors").is_file(), reason="original fixtures not present"
+)
+def test_processing_fixtures_match_original_files():
+    original = load_file(REFERENCE_FIXTURES / "processing" / "images.safetensors")
+    assert set(original) == set(IMAGES)
+    for key, array in original.items():
+        rebuilt = IMAGES[key]
+        assert rebuilt.dtype == array.dtype and rebuilt.shape == array.shape, key
+        assert np.array_equal(rebuilt.view(np.uint8), array.view(np.uint8)), key  # bit-identical (max abs diff 0)
+    for name in ("images_meta.json", "text_cleaning.json", "tokenization.json"):
+        assert (PROCESSING / name).read_bytes() == (REFERENCE_FIXTURES / "processing" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("size", [384, 256])

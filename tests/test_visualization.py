@@ -76,7 +76,8 @@ def test_ground_with_the_bundled_model(tmp_path):
     model = ta.AlbefForRetrieval.from_pretrained(path)
     processor = ta.AlbefProcessor.from_pretrained(path)
     image = Image.new("RGB", (120, 90), "white")
-    result = viz.ground(model, processor, image, "An unaffable dog.", layer=2, panel_size=96, columns=4)
+    layer = model.config.text_config.fusion_layer  # the first fusion layer: every word's map is non-zero there
+    result = viz.ground(model, processor, image, "An unaffable dog.", layer=layer, panel_size=96, columns=4)
     assert result.text == "an unaffable dog" and result.words == ["an", "unaffable", "dog"]
     grid = model.config.vision_config.grid_size
     assert all(heat.shape == (grid, grid) for heat in [result.phrase_map, *result.word_maps])

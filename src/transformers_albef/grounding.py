@@ -127,3 +127,24 @@ def _itc_gradcam(model, pixel_values, input_ids, attention_mask, layer):
         attention_map=attention.detach(),
         attention_grad=grad,
     )
+
+
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Whether the peak of each grounding map falls on its object: `maps` `(batch, grid, grid)` (e.g.
+    `gradcam(...).gradcam`) are upsampled bilinearly to the masks' size, and map i scores a hit when `masks[i]`
+    (`(batch, height, width)`, the object's pixels > 0.5, e.g. an emoji's alpha channel scaled to [0, 1]) is set at
+    its peak. Returns a bool tensor `(batch,)`; its mean is the pointing-game accuracy. A map without a peak (all
+    equal, e.g. all zero) counts as a miss. The chance level of a random point is the mean object area,
+    `masks.gt(0.5).float().mean()`."""
+    if maps.dim() != 3 or masks.dim() != 3 or maps.shape[0] != masks.shape[0]:
+        raise ValueError(
+            f"pointing_game expects maps (batch, grid, grid) and masks (batch, height, width) with the same batch, "
+            f"got {tuple(maps.shape)} and {tuple(masks.shape)}"
+        )
+    batch, height, width = masks.shape
+    upsampled = F.interpolate(maps[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)
+    flat = upsampled.flatten(1)
+    peaks = flat.argmax(1)
+    flat_peak = flat.max(1).values > flat.min(1).values
+    on_object = masks.flatten(1).gt(0.5).gather(1, peaks[:, None]).squeeze(1)
+    return on_object & flat_peak

@@ -421,3 +421,37 @@ def recall_at_k(score_i2t, score_t2i, txt2img, img2txt) -> dict[str, float]:
     result.update({"img_r1": ir[0], "img_r5": ir[1], "img_r10": ir[2], "img_r_mean": sum(ir) / 3})
     result["r_mean"] = (result["txt_r_mean"] + result["img_r_mean"]) / 2
     return result
+
+
+@torch.no_grad()
+def match_probabilities(model, pixel_values, input_ids, attention_mask) -> dict[str, torch.Tensor]:
+    """ITM calibration on aligned pairs (image i, text i): p(match) of each true pair, and of its hardest negatives,
+    the text j != i most similar to image i by ITC (`hardest_text`) and the image j != i most similar to text i
+    (`hardest_image`), as ALBEF mines its ITM negatives. A calibrated model puts true pairs above 0.5 and hardest
+    negatives below. Texts that are equal to text i are not negatives and are never chosen. Returns `(pairs,)`
+    tensors `positive`, `hardest_text`, `hardest_image`."""
+    n = pixel_values.shape[0]
+    if n < 2 or input_ids.shape[0] != n:
+        raise ValueError(
+            f"match_probabilities needs at least 2 aligned pairs, got {n} images and {input_ids.shape[0]} texts"
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    with _evaluating(model):
+        image_states, image_embeds = _image_tower(model, pixel_values)
+        text_states, text_embeds = _text_tower(model, input_ids, attention_mask)
+        similarity = image_embeds @ text_embeds.t()
+        same_text = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1) & (
+            attention_mask[:, None, :] == attention_mask[None, :, :]
+        ).all(-1)
+        similarity = similarity.masked_fill(same_text.to(similarity.device), float("-inf"))
+        rows = torch.arange(n, device=similarity.device)
+        hardest_text = similarity.argmax(1)
+        hardest_image = similarity.argmax(0)
+        image_index = torch.cat([rows, rows, hardest_image])
+        text_index = torch.cat([rows, hardest_text, rows])
+        logits = model.itm_logits_for_pairs(
+            image_states, text_states, attention_mask.to(model.device), image_index, text_index
+        )
+    p = logits.float().softmax(-1)[:, 1].cpu()
+    return {"positive": p[:n], "hardest_text": p[n : 2 * n], "hardest_image": p[2 * n :]}
