@@ -2,6 +2,8 @@
 with the bundled models: exit codes, printed results, pictures written, one-line messages for bad input."""
 
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -67,6 +69,57 @@ def test_demo_prints_results_and_writes_pictures(demo_run):
         assert results.width == grid_width(columns, columns, 160)
         rows = -(-len(samples.captioned) // columns) + -(-len(samples.questions) // columns)
         assert results.height > rows * 160
+
+
+def test_demo_says_what_the_models_and_pictures_are_and_nothing_else_on_stderr(tmp_path):
+    """In a fresh process, as a user runs it: the bundled models are said to be toy models (with the command that
+    converts a published checkpoint, which the parser accepts), each sample list's split is printed from
+    samples.json, scores are probabilities with the chance levels beside the results, and stderr stays empty (no
+    "Loading weights" bars, no warnings)."""
+    command = [sys.executable, "-m", "transformers_albef.cli", "demo", "--output-dir", str(tmp_path / "out")]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert process.stderr == ""
+    out = " ".join(process.stdout.split())  # the notes are wrapped
+    assert "small ALBEFs trained by this project" in out and "not ALBEF's published checkpoints" in out
+    assert "emoji" in out and "easy-vqa" in out
+    commands = re.findall(r"`albef ([^`]+)`", out)
+    assert [c.split()[0] for c in commands] == ["convert", "demo"]
+    for line in commands:
+        cli.build_parser().parse_args(shlex.split(line))  # a usage error would exit
+    splits = json.loads((demo.SAMPLES_DIR / "samples.json").read_text())["splits"]
+    for name, text in splits.items():
+        assert f"{name} samples: {text}" in out
+    assert "held out" in splits["retrieval"] and "test" in splits["vqa"]
+
+    lines = process.stdout.splitlines()
+    samples = demo.load_samples(None)
+    n = len(samples.captioned)
+    recall = [line for line in lines if line.startswith("Recall@1:")]
+    assert len(recall) == 1 and re.fullmatch(rf"Recall@1: image->text \d+/{n}, text->image \d+/{n}", recall[0])
+    assert f"(chance level: 1/{n} each way" in process.stdout
+    answers = json.loads((ta.bundled_model_path("vqa") / "config.json").read_text())["answer_list"]
+    assert f"(chance level: 1/{len(answers)}," in process.stdout
+    probabilities = [float(p) for p in re.findall(r"(?:p\(match\)|\(p) (\d+\.\d+)", process.stdout)]
+    assert len(probabilities) == n + len(samples.questions)
+    assert all(0 <= p <= 1 for p in probabilities)
+
+
+def test_demo_note_names_only_the_bundled_model_in_use():
+    assert "VQA" in demo.bundled_models_note(False, True) and "emoji" not in demo.bundled_models_note(False, True)
+    assert "--vqa-model albef-vqa" in demo.bundled_models_note(False, True)
+    assert "--model albef-coco" in demo.bundled_models_note(True, False)
+    assert demo.bundled_models_note(False, False) is None
+
+
+def test_demo_samples_splits_must_be_descriptions(tmp_path):
+    shape_picture(tmp_path / "red.png", "red")
+    entries = {"splits": {"shapes": "drawn by the test"}, "shapes": [{"file": "red.png", "caption": "a red circle"}]}
+    (tmp_path / "samples.json").write_text(json.dumps(entries))
+    assert demo.load_samples(tmp_path).splits == {"shapes": "drawn by the test"}
+    (tmp_path / "samples.json").write_text(json.dumps({**entries, "splits": ["not", "a", "mapping"]}))
+    with pytest.raises(cli.CliError, match="splits"):
+        demo.load_samples(tmp_path)
 
 
 def test_demo_reads_a_samples_folder(tmp_path):
@@ -140,7 +193,7 @@ def test_ground_writes_the_picture(tmp_path):
     image = shape_picture(tmp_path / "shape.png", size=100)
     output = tmp_path / "pictures" / "ground.png"
     args = ["ground", "--image", image, "--text", "A red, unaffable circle!", "--output", output]
-    status, out, err = run_cli(*args, "--panel-size", "64", "--columns", "3", "--layer", "2")
+    status, out, err = run_cli(*args, "--panel-size", "64", "--columns", "3", "--layer", "3")
     assert status == 0, err
     assert "words: a red unaffable circle" in out  # cleaned, word pieces (una ##ffa ##ble) merged
     with Image.open(output) as picture:

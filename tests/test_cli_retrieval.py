@@ -137,6 +137,32 @@ def test_evaluate_matches_the_original_evaluation(dataset, bundled, tmp_path):
     assert len(np.unique(np.asarray(picture.convert("RGB")).reshape(-1, 3), axis=0)) > 3  # something was drawn
 
 
+def test_evaluate_caps_k_and_prints_chance_levels(dataset, tmp_path):
+    """k larger than the corpus (the bundled model's retrieval_k is 256, here 5 images and 10 captions) is reported
+    capped, and every recall has its chance level: a random ranking's."""
+    status, out, err = run_cli(
+        "evaluate", dataset / "test.json", "--image-root", dataset / "images", "--output", tmp_path / "r.json",
+        "--no-plot",
+    )  # fmt: skip
+    assert status == 0, err
+    assert "k=256" not in out.splitlines()[0]
+    assert "the ITC top 10 captions of each image and the top 5 images of each caption (k=256 capped" in out
+    lines = out.splitlines()
+    chance_rows = [lines[i + 1] for i, line in enumerate(lines) if line.startswith(("image -> text", "text -> image"))]
+    # image -> text: 2 of 10 captions are right, found in the top k with 1 - C(8, k) / C(10, k); text -> image: k / 5
+    image_to_text = [20.0, 100 * (1 - 56 / 252), 100.0]
+    text_to_image = [20.0, 100.0, 100.0]
+    assert chance_rows == [
+        f"{'  chance':15s} " + " ".join(f"{v:7.2f}" for v in [*row, sum(row) / 3])
+        for row in (image_to_text, text_to_image)
+    ]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["k"] == 10 and report["candidates"] == {"image_to_text": 10, "text_to_image": 5}
+    assert report["chance"]["img_r1"] == pytest.approx(20.0)
+    assert report["chance"]["txt_r5"] == pytest.approx(image_to_text[1])
+    assert report["recall_curve"]["ranks"] == list(range(1, 11))
+
+
 def test_evaluate_plot_option(dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     status, out, err = run_cli(

@@ -11,6 +11,7 @@ result equals the model methods called directly, never the quality of the answer
 import importlib
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -771,12 +772,31 @@ def test_albef_tasks_device_and_dtype(images):
 # The README
 
 
-def test_the_readme_pipeline_snippet_runs(capsys, monkeypatch, tmp_path):
-    """The snippet above "## Pipelines and the command line" runs as written, from any directory."""
+def readme_python_blocks(start: str, end: str) -> list[str]:
+    """The ```python blocks of README.md between the headings `start` and `end`."""
     readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-    snippet = readme[: readme.index("## Pipelines and the command line")].rsplit("```python\n", 1)[1].split("```")[0]
-    assert "pipeline_class=AlbefZeroShotImageClassificationPipeline" in snippet
+    section = readme[readme.index(start) : readme.index(end)]
+    return re.findall(r"^```python\n(.*?)^```", section, flags=re.S | re.M)
+
+
+def test_the_readme_pipeline_snippets_run(capsys, monkeypatch, tmp_path):
+    """Every python block of the README's pipeline material (the bundled models and "Pipelines and the command
+    line", up to its retrieval-index part) runs as written, from any directory, offline: the files it names ship
+    with the package."""
+    blocks = readme_python_blocks("## The bundled models", "### Corpus-scale retrieval")
+    assert blocks and any("pipeline_class=AlbefZeroShotImageClassificationPipeline" in block for block in blocks)
     monkeypatch.chdir(tmp_path)
-    exec(compile(snippet, "README.md", "exec"), {})
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 3 and all(line.startswith("[{") for line in printed)
+    assert list(tmp_path.iterdir()) == []  # nothing written where it was run
+
+
+def test_bundled_samples_path():
+    folder = transformers_albef.bundled_samples_path()
+    assert (folder / "samples.json").is_file() and (folder / "NOTICE").is_file()
+    assert transformers_albef.bundled_samples_path("emoji_tiger.png") == folder / "emoji_tiger.png"
+    for name in ("no_such_picture.png", "../NOTICE", "samples"):
+        with pytest.raises(FileNotFoundError, match="emoji_blue_heart.png"):
+            transformers_albef.bundled_samples_path(name)

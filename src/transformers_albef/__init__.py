@@ -1,82 +1,80 @@
 """transformers-albef: ALBEF (Align before Fuse, Li et al., NeurIPS 2021) as a first-class transformers model.
 
-Importing the package registers the configurations, models and processors with transformers' Auto classes.
+Importing the package registers the configurations, models and processors with transformers' Auto classes (and the
+ALBEF tasks with `transformers.pipeline`): at once when transformers' Auto classes are loaded already, otherwise as
+soon as they are (see `_registration.py`), so that `import transformers_albef` itself stays light (no torch) and
+`albef --help` is instant. The names below are imported on first use (PEP 562).
 """
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForPreTraining,
-    AutoModelForSequenceClassification,
-    AutoModelForVisualQuestionAnswering,
-    AutoModelForZeroShotImageClassification,
-    AutoProcessor,
-    AutoTokenizer,
-)
+from __future__ import annotations
 
-from . import hub
-from .bundled import bundled_model_path
-from .grounding import AlbefGradCamOutput
-from .models.albef import (
-    ALBEF_PRESETS,
-    AlbefAnswerRanking,
-    AlbefClassifierOutput,
-    AlbefConfig,
-    AlbefForPreTraining,
-    AlbefForQuestionAnswering,
-    AlbefForRetrieval,
-    AlbefForTextAssignment,
-    AlbefForVisualEntailment,
-    AlbefForVisualReasoning,
-    AlbefImageProcessor,
-    AlbefModel,
-    AlbefOutput,
-    AlbefPreTrainedModel,
-    AlbefProcessor,
-    AlbefQuestionAnsweringOutput,
-    AlbefTextConfig,
-    AlbefTextModel,
-    AlbefTokenizer,
-    AlbefVisionConfig,
-    AlbefVisionModel,
-    pre_caption,
-    pre_question,
-)
-from .models.albef.modeling_albef import mask_tokens
-from .pipelines import register_pipelines
-from .retrieval import chunked_retrieval_score_matrices
-from .retrieval_index import RetrievalEngine, RetrievalIndex
+import importlib
+from typing import TYPE_CHECKING
+
+from . import _registration
 
 __version__ = "0.1.0"
 
-
-def _register():
-    for config in (AlbefConfig, AlbefTextConfig, AlbefVisionConfig):
-        AutoConfig.register(config.model_type, config, exist_ok=True)
-    AutoModel.register(AlbefConfig, AlbefModel, exist_ok=True)
-    AutoModel.register(AlbefTextConfig, AlbefTextModel, exist_ok=True)
-    AutoModel.register(AlbefVisionConfig, AlbefVisionModel, exist_ok=True)
-    AutoModelForPreTraining.register(AlbefConfig, AlbefForPreTraining, exist_ok=True)
-    AutoModelForZeroShotImageClassification.register(AlbefConfig, AlbefModel, exist_ok=True)
-    AutoModelForSequenceClassification.register(AlbefConfig, AlbefForVisualEntailment, exist_ok=True)
-    AutoModelForVisualQuestionAnswering.register(AlbefConfig, AlbefForQuestionAnswering, exist_ok=True)
-    # One exact (PIL) implementation serves both backends: torchvision resizing differs from the original's.
-    AutoImageProcessor.register(
-        AlbefConfig,
-        image_processor_classes={"pil": AlbefImageProcessor, "torchvision": AlbefImageProcessor},
-        exist_ok=True,
-    )
-    AutoProcessor.register(AlbefConfig, AlbefProcessor, exist_ok=True)
-    AutoTokenizer.register(AlbefConfig, fast_tokenizer_class=AlbefTokenizer, exist_ok=True)
-
-
-_register()
-register_pipelines()
+# public name -> the module that defines it (relative to this package)
+_LAZY_NAMES = {
+    "bundled_model_path": ".bundled",
+    "bundled_samples_path": ".bundled",
+    "AlbefGradCamOutput": ".grounding",
+    **dict.fromkeys(
+        (
+            "ALBEF_PRESETS",
+            "AlbefAnswerRanking",
+            "AlbefClassifierOutput",
+            "AlbefConfig",
+            "AlbefForPreTraining",
+            "AlbefForQuestionAnswering",
+            "AlbefForRetrieval",
+            "AlbefForTextAssignment",
+            "AlbefForVisualEntailment",
+            "AlbefForVisualReasoning",
+            "AlbefImageProcessor",
+            "AlbefModel",
+            "AlbefOutput",
+            "AlbefPreTrainedModel",
+            "AlbefProcessor",
+            "AlbefQuestionAnsweringOutput",
+            "AlbefTextConfig",
+            "AlbefTextModel",
+            "AlbefTokenizer",
+            "AlbefVisionConfig",
+            "AlbefVisionModel",
+            "pre_caption",
+            "pre_question",
+        ),
+        ".models.albef",
+    ),
+    "mask_tokens": ".models.albef.modeling_albef",
+    "register_pipelines": ".pipelines",
+    "chunked_retrieval_score_matrices": ".retrieval",
+    "RetrievalEngine": ".retrieval_index",
+    "RetrievalIndex": ".retrieval_index",
+}
+# submodules reachable as attributes (`ta.hub`, `ta.models.albef...`) before anything imported them
+_SUBMODULES = (
+    "bundled",
+    "cli",
+    "conversion",
+    "grounding",
+    "hub",
+    "model_card",
+    "models",
+    "pipelines",
+    "retrieval",
+    "retrieval_backends",
+    "retrieval_index",
+    "training",
+    "visualization",
+)
 
 __all__ = [
     "hub",
     "bundled_model_path",
+    "bundled_samples_path",
     "ALBEF_PRESETS",
     "AlbefAnswerRanking",
     "AlbefClassifierOutput",
@@ -107,3 +105,55 @@ __all__ = [
     "pre_question",
     "register_pipelines",
 ]
+
+
+def __getattr__(name: str):
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_SUBMODULES})
+
+
+if TYPE_CHECKING:  # what static tools and IDEs see: the same names, imported eagerly
+    from . import hub
+    from .bundled import bundled_model_path, bundled_samples_path
+    from .grounding import AlbefGradCamOutput
+    from .models.albef import (
+        ALBEF_PRESETS,
+        AlbefAnswerRanking,
+        AlbefClassifierOutput,
+        AlbefConfig,
+        AlbefForPreTraining,
+        AlbefForQuestionAnswering,
+        AlbefForRetrieval,
+        AlbefForTextAssignment,
+        AlbefForVisualEntailment,
+        AlbefForVisualReasoning,
+        AlbefImageProcessor,
+        AlbefModel,
+        AlbefOutput,
+        AlbefPreTrainedModel,
+        AlbefProcessor,
+        AlbefQuestionAnsweringOutput,
+        AlbefTextConfig,
+        AlbefTextModel,
+        AlbefTokenizer,
+        AlbefVisionConfig,
+        AlbefVisionModel,
+        pre_caption,
+        pre_question,
+    )
+    from .models.albef.modeling_albef import mask_tokens
+    from .pipelines import register_pipelines
+    from .retrieval import chunked_retrieval_score_matrices
+    from .retrieval_index import RetrievalEngine, RetrievalIndex
+
+_registration.install()

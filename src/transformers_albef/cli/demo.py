@@ -4,17 +4,20 @@ Sample pictures live in `transformers_albef/resources/samples/` with a `samples.
 object whose list-valued fields hold them), each `{"file": ..., "caption": ...}` (retrieval and grounding) and/or
 `{"file": ..., "question": ..., "answer": ...}` (VQA; `answer` optional), files relative to the folder. Fields named
 `attribution`, `credit` or `license`, at the top level or in entries, are printed as the pictures' credits, and so
-is the path of a NOTICE file next to samples.json. Only when that folder is not installed does the demo draw its own
-shapes.
+is the path of a NOTICE file next to samples.json. A top-level `"splits"` object, `{"<list name>": "where these
+pictures come from"}`, says which data split each list was drawn from (printed with the results, which mean little
+on pictures a model was trained on). Only when that folder is not installed does the demo draw its own shapes.
 """
 
 from __future__ import annotations
 
 import json
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..bundled import SAMPLES_ROOT
 from .common import (
     CliError,
     add_device_argument,
@@ -26,7 +29,7 @@ from .common import (
     save_picture,
 )
 
-SAMPLES_DIR = Path(__file__).parents[1] / "resources" / "samples"
+SAMPLES_DIR = SAMPLES_ROOT  # the bundled sample pictures (`transformers_albef.bundled_samples_path()`)
 CREDIT_FIELDS = ("attribution", "credit", "license")
 RIGHT, WRONG = (0, 120, 0), (190, 0, 0)
 
@@ -46,6 +49,7 @@ class Samples:
     questions: list[Sample]
     origin: str
     credits: list[str] = field(default_factory=list)
+    splits: dict[str, str] = field(default_factory=dict)  # list name in samples.json -> where its pictures come from
 
 
 def register(subparsers) -> None:
@@ -98,6 +102,9 @@ def run(args) -> int:
     print(f"ALBEF demo: {samples.origin}")
     print(f"  retrieval model: {args.model or ta.bundled_model_path('retrieval')}")
     print(f"  VQA model:       {args.vqa_model or ta.bundled_model_path('vqa')}")
+    note = bundled_models_note(args.model is None, args.vqa_model is None)
+    for text in ([note] if note else []) + [f"{name} samples: {text}" for name, text in samples.splits.items()]:
+        print(textwrap.fill(text, width=116, initial_indent="  ", subsequent_indent="    ", break_on_hyphens=False))
     if retrieval:
         print_retrieval(retrieval)
     if vqa:
@@ -134,16 +141,19 @@ def load_samples(folder: str | Path | None) -> Samples:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CliError(f"{index} is not valid JSON: {error}") from None
-    credits = []
+    credits, splits = [], {}
     if isinstance(data, dict):
         credits += [str(data[name]) for name in CREDIT_FIELDS if isinstance(data.get(name), str)]
+        splits = data.get("splits", {})
+        if not isinstance(splits, dict) or not all(isinstance(text, str) for text in splits.values()):
+            raise CliError(f'{index}: "splits" must map sample list names to descriptions (strings)')
         entries = [entry for value in data.values() if isinstance(value, list) for entry in value]
     elif isinstance(data, list):
         entries = data
     else:
         raise CliError(f"{index} must hold a list of samples or an object with lists of samples")
 
-    samples = Samples([], [], origin=f"{len(entries)} sample pictures from {folder}", credits=[])
+    samples = Samples([], [], origin=f"{len(entries)} sample pictures from {folder}", credits=[], splits=splits)
     for number, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
             raise CliError(f"{index}: sample {number} needs a 'file' field")
@@ -191,6 +201,25 @@ def drawn_samples() -> Samples:
     return Samples(captioned, questions, origin)
 
 
+def bundled_models_note(retrieval: bool, vqa: bool) -> str | None:
+    """What the bundled models are (and are not), and how to run the published ALBEF checkpoints instead: said when
+    the demo uses a bundled model (`retrieval` / `vqa`: that one is the bundled one)."""
+    trained = [
+        *(["retrieval: emoji drawings and their names"] if retrieval else []),
+        *(["VQA: easy-vqa pictures of coloured shapes"] if vqa else []),
+    ]
+    if not trained:
+        return None
+    which = "the bundled models are small ALBEFs" if retrieval and vqa else "the bundled model is a small ALBEF"
+    option = "--model" if retrieval else "--vqa-model"
+    checkpoint, folder = ("mscoco.pth", "albef-coco") if retrieval else ("vqa.pth", "albef-vqa")
+    return (
+        f"note: {which} trained by this project on toy data ({'; '.join(trained)}), not ALBEF's published "
+        f"checkpoints. For those, download a released checkpoint (github.com/salesforce/ALBEF) and convert it: "
+        f"`albef convert --checkpoint {checkpoint} --output-dir {folder}`, then `albef demo {option} {folder}`."
+    )
+
+
 def run_retrieval(model, processor, samples: list[Sample]) -> dict:
     """Both directions over the samples' images and captions with the original protocol (ITC top-k, ITM re-rank),
     and the ITM match probability of each image's best caption."""
@@ -228,13 +257,19 @@ def run_vqa(model, processor, samples: list[Sample]) -> dict:
         ids, probs = rank_answer_list(model, processor, inputs, answers)
         predicted = [answers[i] for i in ids[:, 0].tolist()]
         probabilities = probs[:, 0].tolist()
-        how = f"ranking the model's {len(answers)} answers"
+        how = f"ranking the model's {len(answers)} answers; p: probability among the ranked answers"
     else:
         generated = model.generate(inputs["pixel_values"], inputs["input_ids"], inputs["attention_mask"])
         predicted = processor.tokenizer.batch_decode(generated, skip_special_tokens=True)
         probabilities = [None] * len(predicted)
         how = "generated (the model has no answer list)"
-    return {"samples": samples, "predicted": predicted, "probabilities": probabilities, "how": how}
+    return {
+        "samples": samples,
+        "predicted": predicted,
+        "probabilities": probabilities,
+        "how": how,
+        "num_answers": len(answers or []),
+    }
 
 
 def _is_right(predicted: str, expected: str | None) -> bool | None:
@@ -244,7 +279,10 @@ def _is_right(predicted: str, expected: str | None) -> bool | None:
 def print_retrieval(retrieval: dict) -> None:
     samples = retrieval["samples"]
     width = max(len(sample.name) for sample in samples)
-    print(f"\nImage -> text retrieval over {len(samples)} captions (ITC top-k re-ranked by ITM):")
+    print(
+        f"\nImage -> text retrieval over {len(samples)} captions (ITC top-k re-ranked by ITM; p(match): the ITM "
+        "head's probability that the caption matches the image):"
+    )
     right_i2t = 0
     for sample, best, probability in zip(samples, retrieval["best_text"], retrieval["match_probability"]):
         found = samples[best].caption
@@ -259,6 +297,7 @@ def print_retrieval(retrieval: dict) -> None:
         right_t2i += right
         print(f'  {"ok" if right else "--"}  "{sample.caption}" -> {samples[best].name}')
     print(f"Recall@1: image->text {right_i2t}/{len(samples)}, text->image {right_t2i}/{len(samples)}")
+    print(f"  (chance level: 1/{len(samples)} each way, a random ranking)")
 
 
 def print_vqa(vqa: dict) -> None:
@@ -276,6 +315,8 @@ def print_vqa(vqa: dict) -> None:
             right_count += right
     if judged:
         print(f"Accuracy: {right_count}/{judged}")
+        if vqa["num_answers"]:
+            print(f"  (chance level: 1/{vqa['num_answers']}, a random pick among the model's answers)")
 
 
 def results_picture(retrieval: dict | None, vqa: dict | None, samples: Samples):

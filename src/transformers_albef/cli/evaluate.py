@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from .common import CliError, add_model_arguments, load_model, positive_int, resolve_device
@@ -131,21 +133,29 @@ def run(args) -> int:
         return 0
 
     metrics, curve = result.metrics, result.recall_curve()
+    # Each direction ranks at most the whole other side: k larger than that changes nothing and would mislead.
+    candidates = {"image_to_text": min(result.k, len(captions)), "text_to_image": min(result.k, len(images))}
+    chance = chance_metrics(img2txt, len(images), len(captions))
     model_name = args.model or "the bundled retrieval model"
     print(
-        f"retrieval on {args.annotation}: {len(images)} images, {len(captions)} captions, "
-        f"k={result.k}, score={args.score}, model: {model_name}"
+        f"retrieval on {args.annotation}: {len(images)} images, {len(captions)} captions, score={args.score}, "
+        f"model: {model_name}"
+    )
+    capped = f" (k={result.k} capped at the corpus size)" if result.k > min(len(images), len(captions)) else ""
+    print(
+        f"ITM re-ranks the ITC top {candidates['image_to_text']} captions of each image and the top "
+        f"{candidates['text_to_image']} images of each caption{capped}"
     )
     print(f"{'':15s} {'R@1':>7s} {'R@5':>7s} {'R@10':>7s} {'mean':>7s}")
     for label, prefix in (("image -> text", "txt"), ("text -> image", "img")):
-        values = [
-            metrics[f"{prefix}_r1"],
-            metrics[f"{prefix}_r5"],
-            metrics[f"{prefix}_r10"],
-            metrics[f"{prefix}_r_mean"],
-        ]
-        print(f"{label:15s} " + " ".join(f"{v:7.2f}" for v in values))
-    print(f"r_mean {metrics['r_mean']:.2f}")
+        keys = [f"{prefix}_r1", f"{prefix}_r5", f"{prefix}_r10", f"{prefix}_r_mean"]
+        print(f"{label:15s} " + " ".join(f"{metrics[key]:7.2f}" for key in keys))
+        print(f"{'  chance':15s} " + " ".join(f"{chance[key]:7.2f}" for key in keys))
+    print(f"r_mean {metrics['r_mean']:.2f} (chance {chance['r_mean']:.2f})")
+    print(
+        "chance: the recall of a random ranking (R@k of text -> image = k / images; image -> text counts an image "
+        "found when any of its captions is in the top k)"
+    )
 
     if args.output:
         report = {
@@ -153,9 +163,11 @@ def run(args) -> int:
             "model": model_name,
             "num_images": len(images),
             "num_texts": len(captions),
-            "k": result.k,
+            "k": max(candidates.values()),
+            "candidates": candidates,
             "score": args.score,
             "metrics": metrics,
+            "chance": chance,
             "recall_curve": curve,
         }
         output = Path(args.output)
@@ -165,10 +177,39 @@ def run(args) -> int:
     if not args.no_plot:
         plot = Path(args.plot) if args.plot else (Path(args.output).with_suffix(".png") if args.output else None)
         plot = plot or Path("recall_curve.png")
-        title = f"{Path(args.annotation).name}: {len(images)} images, {len(captions)} captions, k={result.k}"
+        title = (
+            f"{Path(args.annotation).name}: {len(images)} images, {len(captions)} captions, "
+            f"k={max(candidates.values())}"
+        )
         draw_recall_curve(curve, plot, title)
         print(f"recall curve drawn in {plot}")
     return 0
+
+
+def chance_recall(relevant: Sequence[int], corpus_size: int, k: int) -> float:
+    """Recall@k in percent of a random ranking: the mean over queries of the probability that at least one of the
+    query's `relevant[q]` items (among `corpus_size`) is in its top k, 1 - C(n - m, k) / C(n, k) (k / n for one)."""
+    k = min(k, corpus_size)
+    total, cache = 0.0, {}
+    for m in relevant:
+        if m not in cache:
+            cache[m] = 1.0 - math.comb(corpus_size - m, k) / math.comb(corpus_size, k)
+        total += cache[m]
+    return 100.0 * total / len(relevant)
+
+
+def chance_metrics(img2txt: Sequence[Sequence[int]], num_images: int, num_texts: int) -> dict[str, float]:
+    """The chance level of each metric `recall_at_k` reports (`txt_r1` ... `r_mean`), for this ground truth."""
+    chance = {}
+    for prefix, relevant, corpus_size in (
+        ("txt", [len(texts) for texts in img2txt], num_texts),
+        ("img", [1] * num_texts, num_images),
+    ):
+        values = [chance_recall(relevant, corpus_size, k) for k in (1, 5, 10)]
+        chance.update({f"{prefix}_r{k}": value for k, value in zip((1, 5, 10), values)})
+        chance[f"{prefix}_r_mean"] = sum(values) / 3
+    chance["r_mean"] = (chance["txt_r_mean"] + chance["img_r_mean"]) / 2
+    return chance
 
 
 def _legend(curve: dict, key: str, label: str) -> str:

@@ -35,8 +35,11 @@ class AlbefZeroShotImageClassificationPipeline(AlbefPipelineMixin, ZeroShotImage
     ...     model=transformers_albef.bundled_model_path("retrieval"),
     ...     pipeline_class=AlbefZeroShotImageClassificationPipeline,
     ... )
-    >>> classifier(image, candidate_labels=["cat", "dog"], hypothesis_template=["a picture of {}", "a photo of {}"])
-    [{'score': 0.62, 'label': 'cat'}, {'score': 0.38, 'label': 'dog'}]
+    >>> # the bundled model was trained on bare emoji names: "{}" (the label alone) is its template
+    >>> image = transformers_albef.bundled_samples_path("emoji_blue_heart.png")
+    >>> labels = ["blue heart", "sunflower", "tiger"]
+    >>> classifier(image, candidate_labels=labels, hypothesis_template=["{}", "{} emoji"])
+    [{'score': 0.76, 'label': 'blue heart'}, {'score': 0.18, 'label': 'tiger'}, {'score': 0.06, 'label': 'sunflower'}]
     ```
 
     The call accepts:
@@ -45,7 +48,11 @@ class AlbefZeroShotImageClassificationPipeline(AlbefPipelineMixin, ZeroShotImage
     - `hypothesis_template` (`str` or `list[str]`, defaults to `"a picture of {}"`): the prompt(s) a label is put in.
       With several templates a label's text embedding is the normalised mean over its prompts (prompt ensembling).
       Prompts are cleaned as ALBEF captions (`pre_caption`: lower case, punctuation deleted, 30 words at most) and
-      encoded without `[SEP]`.
+      encoded without `[SEP]`. Use the kind of text the model was trained on: the default suits ALBEF's
+      checkpoints, trained on image captions; the bundled retrieval model (`bundled_model_path("retrieval")`) was
+      trained on bare lower-case emoji names ("blue heart", "tiger"), so pass `hypothesis_template="{}"` (or an
+      ensemble such as `["{}", "{} emoji"]`) with it. (transformers' own pipeline defaults to
+      `"This is a photo of {}."`, which does not suit it either.)
     - `rerank_top_k` (`int`, *optional*): re-score the `k` best labels of each image with the ITM head (match
       probability, averaged over the templates) and put them first, in that order; each of them gets an
       `itm_score`. Needs an [`AlbefForRetrieval`]: pass `model=AlbefForRetrieval.from_pretrained(...)` (loading
