@@ -12,6 +12,8 @@ Columns:
 - device busy: the sum of the call's kernel times (torch.profiler). wall much larger than busy means an idle device.
 - kernels: launches per call.
 - DtoH: device-to-host copies per call; each makes the host wait for the device.
+- syncs: the host synchronisations of one call as CUDA reports them (`torch.cuda.set_sync_debug_mode("warn")`
+  warns at each; blocking host-to-device copies included). `benchmarks/host_overhead.py` predicts them on a CPU.
 - graph replay: the same call captured once as a CUDA graph and replayed, which removes launch and Python costs.
   "-" means the call cannot be captured, for example because of a host synchronisation inside it.
 """
@@ -74,12 +76,30 @@ def workloads(size: str, device: torch.device, dtype: torch.dtype, attn: str):
     def vqa_rank():
         return vqa.rank_answers(q_pixels, q_ids, q_mask, answers, answer_mask, k=k)
 
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    with torch.no_grad():
+        states = vqa.encode_questions(q_pixels, q_ids, q_mask)
+        cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        vqa(answer_input_ids=answers[:questions, :1], question_states=states, question_attention_mask=q_mask,
+            cache=cache)  # fmt: skip
+
+    @torch.no_grad()
+    def decoder_step():
+        extra = cache.self_attention_cache.get_seq_length() - 1
+        if extra:  # back to [CLS]: each call decodes the same second token
+            cache.self_attention_cache.crop(-extra)
+        return vqa(answer_input_ids=answers[:questions, 1:2], question_states=states, question_attention_mask=q_mask,
+                   cache=cache).logits  # fmt: skip
+
     return [
         (f"image embedding @{image_size}", images, "images/s", image, True),
         ("text embedding, 30 tokens", texts, "texts/s", text, True),
         # The grouped ITM plans its batches on the host (it reads the text mask), so it is not captured.
         (f"ITM re-rank grouped (default), k={texts}", texts, "pairs/s", itm, False),
         (f"VQA rank_answers (default), k={k} of {answers.shape[0]:,}", questions, "questions/s", vqa_rank, False),
+        # The cache grows and is cropped on the host: not captured.
+        ("VQA cached decoder step (what generate runs per token)", questions, "questions/s", decoder_step, False),
     ]
 
 
@@ -117,6 +137,21 @@ def profile(fn, calls: int) -> tuple[float, float, float]:
     return busy * 1e-6 / calls, kernels / calls, copies / calls
 
 
+def count_syncs(fn) -> int:
+    """Synchronising CUDA calls of one `fn()`: the warnings of `torch.cuda.set_sync_debug_mode("warn")`."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def graph_replay(fn, device, repeats: int) -> float | str:
     try:
         stream = torch.cuda.Stream(device)
@@ -140,6 +175,9 @@ def main() -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--attn", default="sdpa")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--output", type=Path, default=None, help="also write the table into this file's gpu-overhead:gpu section"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to measure")
@@ -147,9 +185,9 @@ def main() -> int:
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, {args.dtype}, {args.attn}")
     rows = [
-        "| workload | batch | wall ms | host issue ms | device busy ms | kernels | DtoH | graph replay ms | "
+        "| workload | batch | wall ms | host issue ms | device busy ms | kernels | DtoH | syncs | graph replay ms | "
         "throughput (wall) | throughput (graph) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, batch, unit, fn, graphable in workloads(args.size, device, DTYPES[args.dtype], args.attn):
         for _ in range(3):
@@ -157,15 +195,37 @@ def main() -> int:
         wall = median_time(fn, device, args.repeats, sync_after=True)
         host = median_time(fn, device, args.repeats, sync_after=False)
         busy, kernels, copies = profile(fn, calls=3)
+        syncs = count_syncs(fn)
         replay = graph_replay(fn, device, args.repeats) if graphable else "- (not tried)"
         graph_ms = f"{replay * 1e3:.2f}" if isinstance(replay, float) else replay
         graph_rate = f"{batch / replay:,.0f} {unit}" if isinstance(replay, float) else "-"
         rows.append(
             f"| {name} | {batch} | {wall * 1e3:.2f} | {host * 1e3:.2f} | {busy * 1e3:.2f} | {kernels:.0f} | "
-            f"{copies:.0f} | {graph_ms} | {batch / wall:,.0f} {unit} | {graph_rate} |"
+            f"{copies:.0f} | {syncs} | {graph_ms} | {batch / wall:,.0f} {unit} | {graph_rate} |"
         )
         print(rows[-1], flush=True)
     print("\n".join(rows))
+    if args.output:
+        import datetime
+        import re
+
+        body = "\n".join(
+            [
+                f"## Where the GPU time goes, per call ({args.dtype}, {args.attn}, {args.size})",
+                "",
+                f"- date: {datetime.date.today().isoformat()}; {torch.cuda.get_device_name(device)}, torch "
+                f"{torch.__version__}",
+                f"- command: `python benchmarks/gpu_overhead.py {' '.join(sys.argv[1:])}` (columns: its docstring)",
+                "",
+                *rows,
+            ]
+        )
+        begin, end = "<!-- gpu-overhead:gpu -->", "<!-- /gpu-overhead:gpu -->"
+        block = f"{begin}\n{body}\n{end}\n"
+        text = args.output.read_text() if args.output.exists() else ""
+        pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", flags=re.S)
+        text = pattern.sub(lambda _: block, text, count=1) if pattern.search(text) else text + "\n" + block
+        args.output.write_text(text)
     return 0
 
 

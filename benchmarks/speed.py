@@ -1,7 +1,7 @@
 """Speed of ALBEF's workloads (issue 6), the original computations against the model's paths and the other
 optimisations, and the agreement checks that make them safe to use.
 
-    python benchmarks/speed.py --size base --device cpu                 # CPU plan: batch 1 and 8, small images
+    python benchmarks/speed.py --size base --device cpu                 # CPU plan: batch 1 and 8, 224 px images
     python benchmarks/speed.py --size base --device cuda                # GPU plan: the issue's sizes
     python benchmarks/speed.py --size tiny --output /tmp/speed.md       # smoke run (a few seconds)
 
@@ -18,6 +18,17 @@ The agreement checks compare the model's paths with the original per-pair / unca
 attention) on real data when the bundled trained models and easy-vqa are installed (random tiny models and inputs
 otherwise): ITC features in bf16 (relative error < 1e-2), retrieval top-1 (identical for >= 99.5% of queries) and VQA
 top answer (>= 99.5%).
+
+Options for the GPU session (`benchmarks/gpu_session.sh`): `--compile default,reduce-overhead` adds, for image and
+text embedding, the grouped ITM (its fusion forward compiled; the host plans the batches), `rank_answers` and the
+pre-training step (its forward), variants compiled by `torch.compile` in each mode (bf16 + sdpa on a GPU), each on its
+own copy of the model; their first call reads inductor's generated code (fused SDPA kept, or attention decomposed into
+matmul + softmax?) and their output is compared with the eager variant's. `--checkpointing` adds a pre-training
+variant with gradient checkpointing; `--combos fp32/eager,bf16/sdpa` picks the (dtype, attention) pairs;
+`--time-budget` skips the workloads that would start late and `--incremental` rewrites the section after each one, so
+a run stopped by a time limit keeps what it measured. Under the table, "Default path against the original
+computation" gives the fp32 time ratio of each default path (sdpa, grouped ITM, cached decoder) to the original (eager
+attention, per-pair ITM, uncached decoding) at each batch size: the issue's CPU check.
 
 The table goes to stdout and into the device's section of `--output` (default: BENCHMARKS.md at the repository
 root); the rest of that file is kept.
@@ -72,12 +83,12 @@ PLANS = {
         pretrain_image_size=256, answers=3128, rank_k=128, repeats=10, warmup=3, check_scale=1.0,
     ),
     # CPU: fp32 only (bf16 is a GPU setting; the agreement checks still cover it), and the uncached VQA
-    # re-scoring of 8 questions (~1.3 TFLOP a run) with one backend and fewer runs.
+    # re-scoring of 8 questions (~1.3 TFLOP a run) with one backend and fewer runs; VQA of 8 questions with fewer runs.
     "cpu": dict(
-        image=[1, 8], text=[1, 8], itm=[1, 8], vqa=[1], rescore=[1, 8], pretrain=[1], image_size=224,
+        image=[1, 8], text=[1, 8], itm=[1, 8], vqa=[1, 8], rescore=[1, 8], pretrain=[1], image_size=224,
         pretrain_image_size=256, answers=3128, rank_k=128, repeats=3, warmup=1, check_scale=1.0, pretrain_repeats=2,
         combos=[("fp32", "eager"), ("fp32", "sdpa")], combos_by_batch={("rescore", 8): [("fp32", "eager")]},
-        repeats_by_batch={("rescore", 8): 2},
+        repeats_by_batch={("rescore", 8): 2, ("vqa", 8): 2},
     ),
     "tiny": dict(
         image=[2], text=[2], itm=[4], vqa=[2], rescore=[2], pretrain=[2], image_size=32, pretrain_image_size=32,
@@ -303,6 +314,10 @@ class Variant:
     times: list[float] = field(default_factory=list)
     peak: int = 0
     flops: float | None = None
+    compiled: str | None = None  # torch.compile mode of a compiled variant
+    twin: Variant | None = None  # the eager variant computing the same thing (its FLOPs are this one's)
+    error: str | None = None  # a compiled variant that failed: why (it is not timed)
+    note: str = ""  # what a compiled variant's generated code says about its attention
 
     @property
     def median(self) -> float:
@@ -310,26 +325,46 @@ class Variant:
 
     @property
     def throughput(self) -> float:
-        return self.items / self.median
+        return self.items / self.median if self.times else float("nan")
 
 
 def run_variants(variants: list[Variant], device, warmup: int, repeats: int, count_flops: bool) -> list[Variant]:
-    """Warm up each variant (the last warm-up run measures memory), then time them in turn, `repeats` rounds."""
+    """Warm up each variant (the last warm-up run measures memory), then time them in turn, `repeats` rounds. A
+    compiled variant compiles in its first warm-up run (at least 3 for `mode="reduce-overhead"`, which records its
+    CUDA graphs there); one that fails is reported with its error and not timed."""
     for v in variants:
-        for i in range(max(1, warmup)):
-            memory = {}
-            with peak_memory(device, memory) if i == max(1, warmup) - 1 else contextlib.nullcontext():
-                v.fn()
+        try:
+            for i in range(max(3 if v.compiled else 1, warmup)):
+                memory = {}
+                last = i == max(3 if v.compiled else 1, warmup) - 1
+                with peak_memory(device, memory) if last else contextlib.nullcontext():
+                    v.fn()
+                synchronize(device)
+        except Exception as error:  # noqa: BLE001 - a compiled variant's failure is a result, reported in the table
+            if not v.compiled:
+                raise
+            v.error = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+            print(f"\n{v.workload} {v.name}: {v.error}", file=sys.stderr)
             synchronize(device)
+            continue
         v.peak = memory.get("peak", 0)
-        if count_flops:
+        v.note = getattr(v.fn, "note", "")
+        if v.compiled and v.twin is not None and v.workload != "pre-training step":
+            agreement = compare_outputs(v.fn(), v.twin.fn())
+            v.note = "; ".join(part for part in (v.note, agreement) if part)
+        if count_flops and not v.compiled:
             from torch.utils.flop_counter import FlopCounterMode
 
             with FlopCounterMode(display=False) as counter:
                 v.fn()
             v.flops = float(counter.get_total_flops())
+    for v in variants:
+        if v.twin is not None:
+            v.flops = v.twin.flops
     for _ in range(repeats):
         for v in variants:
+            if v.error:
+                continue
             synchronize(device)
             start = time.perf_counter()
             v.fn()
@@ -341,12 +376,70 @@ def run_variants(variants: list[Variant], device, warmup: int, repeats: int, cou
 
 def train_step(model, optimizer, batch, attn: str, autocast_dtype: torch.dtype | None):
     """Forward with the training losses, backward, optimiser step."""
-    set_attention(model, attn)
+    if not hasattr(model, "_compiled_call_impl") or model._compiled_call_impl is None:
+        set_attention(model, attn)  # a compiled model keeps the attention it was compiled with
     with torch.autocast(model.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         loss = model(*batch, return_loss=True, hard_negatives="hardest").loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def compare_outputs(got, want) -> str:
+    """A compiled variant's output against its eager twin's (same dtype and attention)."""
+    if isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor):
+        error = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+        return f"relative error vs eager {error:.1e}"
+    if isinstance(got, tuple) and len(got) == 2 and all(isinstance(x, torch.Tensor) for x in (*got, *want)):
+        same_top = float((got[0][:, 0] == want[0][:, 0]).float().mean())
+        diff = float((got[1].float() - want[1].float()).abs().max())
+        return f"top answer as eager for {same_top:.1%} of questions, probabilities max abs diff {diff:.1e}"
+    return ""
+
+
+class CompiledCall:
+    """`compiled(*args)` under `torch.no_grad()`; the first call (the compilation) also reads inductor's generated
+    code and notes whether attention stayed one fused SDPA call per layer (not decomposed into matmul + softmax)."""
+
+    SDPA = re.compile(r"torch\.ops\.aten\._scaled_dot_product_\w+\.default\(")
+    KERNEL = re.compile(r"\b(?:triton|cpp)_\w+")
+
+    def __init__(self, compiled, args, backend: str, grad: bool = False):
+        self.compiled, self.args, self.backend, self.grad = compiled, args, backend, grad
+        self.note, self.calls = "", 0
+
+    def __call__(self):
+        self.calls += 1
+        with torch.set_grad_enabled(self.grad):
+            if self.calls > 1 or self.backend != "inductor":
+                return self.compiled(*self.args)
+            from unittest import mock
+
+            from torch._inductor.graph import GraphLowering
+
+            codes = []
+            # What `torch._inductor.utils.run_and_get_code` does, without its `torch._dynamo.reset()` (which would
+            # drop the other variants' compiled code).
+            with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+                result = self.compiled(*self.args)
+        if not codes:
+            self.note = "generated code not seen (inductor's cache served it)"
+            return result
+        code = "\n".join(codes)
+        calls = len(self.SDPA.findall(code))
+        softmax = sorted({k for k in self.KERNEL.findall(code) if "softmax" in k})
+        self.note = f"SDPA calls in the generated code: {calls}" + (
+            f"; softmax kernels: {len(softmax)} ({', '.join(softmax[:3])})" if softmax else "; no softmax kernel"
+        )
+        return result
+
+
+def compile_fn(fn, mode: str, backend: str):
+    """`torch.compile(fn)` with `mode` (inductor's modes; other backends take none)."""
+    options = {"backend": backend}
+    if backend == "inductor" and mode != "default":
+        options["mode"] = mode
+    return torch.compile(fn, **options)
 
 
 # ----- workloads ----------------------------------------------------------------------------------------------------
@@ -359,6 +452,7 @@ class Bench:
         self.rows: list[Variant] = []
         self.notes: list[str] = []
         self._models = {}
+        self.backend = args.compile_backend
 
     def model(self, cls, dtype: str, image_size: int):
         key = (cls.__name__, dtype, image_size)
@@ -370,6 +464,28 @@ class Bench:
                 config = make_config(self.args.size, image_size)
                 self._models[key] = build(cls, config, self.device, DTYPES[dtype])
         return self._models[key]
+
+    def compiled_model(self, cls, dtype: str, image_size: int, attn: str, mode: str):
+        """A copy of the model for one compiled variant, its attention set once: switching it (as the eager variants
+        do between calls) would fail the compiled code's guards and recompile it."""
+        key = (cls.__name__, dtype, image_size, "compiled", attn, mode)
+        if key not in self._models:
+            model = copy.deepcopy(self.model(cls, dtype, image_size))
+            set_attention(model, attn)
+            self._models[key] = model
+        return self._models[key]
+
+    def compile_combos(self, workload: str):
+        """(mode, dtype, attn) of the compiled variants (`--compile`); the pre-training step takes no
+        "reduce-overhead" (its forward updates the momentum towers and queues in place)."""
+        modes = [m for m in self.args.compile if workload != "pretrain" or m != "reduce-overhead"]
+        return [(mode, self.args.compile_dtype, self.args.compile_attn) for mode in modes]
+
+    def twin(self, variants, dtype: str, attn: str, path: str | None = None):
+        for v in variants:
+            if (v.dtype, v.attn) == (dtype, attn) and not v.compiled and (path is None or v.name.startswith(path)):
+                return v
+        return None
 
     def drop_models(self):
         self._models.clear()
@@ -417,6 +533,13 @@ class Bench:
                 name = f"ViT @{size}"
                 variants.append(Variant("image embedding", name, dtype, attn, batch, batch, "images/s", fn,
                                         baseline=(dtype, attn) == ("fp32", "eager")))  # fmt: skip
+            for mode, dtype, attn in self.compile_combos("image"):
+                model = self.compiled_model(ta.AlbefModel, dtype, size, attn, mode)
+                compiled = compile_fn(lambda x, m=model: m.get_image_features(x).pooler_output, mode, self.backend)
+                call = CompiledCall(compiled, (pixel_values.to(DTYPES[dtype]),), self.backend)
+                variants.append(Variant("image embedding", f"ViT @{size}, compiled ({mode})", dtype, attn, batch,
+                                        batch, "images/s", call, compiled=mode,
+                                        twin=self.twin(variants, dtype, attn)))  # fmt: skip
             self.record(variants)
 
     def text(self):
@@ -435,6 +558,13 @@ class Bench:
 
                 variants.append(Variant("text embedding", "6 layers, 30 tokens", dtype, attn, batch, batch, "texts/s",
                                         fn, baseline=(dtype, attn) == ("fp32", "eager")))  # fmt: skip
+            for mode, dtype, attn in self.compile_combos("text"):
+                model = self.compiled_model(ta.AlbefModel, dtype, self.plan["image_size"], attn, mode)
+                compiled = compile_fn(lambda i, k, m=model: m.get_text_features(i, k).pooler_output, mode,
+                                      self.backend)  # fmt: skip
+                variants.append(Variant("text embedding", f"6 layers, 30 tokens, compiled ({mode})", dtype, attn,
+                                        batch, batch, "texts/s", CompiledCall(compiled, (ids, mask), self.backend),
+                                        compiled=mode, twin=self.twin(variants, dtype, attn)))  # fmt: skip
             self.record(variants)
 
     @property
@@ -473,6 +603,28 @@ class Bench:
                     baseline = (dtype, attn, path) == ("fp32", "eager", "per-pair (original)")
                     variants.append(Variant("ITM re-rank (1 image, k texts)", f"{path}, {tokens} image tokens", dtype,
                                             attn, k, k, "pairs/s", fn, baseline=baseline))  # fmt: skip
+            for mode, dtype, attn in self.compile_combos("itm"):
+                # The grouping is planned on the host (not compiled); the fusion forward it runs per batch is.
+                model = self.compiled_model(ta.AlbefForRetrieval, dtype, self.plan["image_size"], attn, mode)
+                model.text_model.compile(
+                    **(
+                        {"backend": self.backend}
+                        | ({"mode": mode} if self.backend == "inductor" and mode != "default" else {})
+                    )
+                )
+                g = torch.Generator(device="cpu").manual_seed(2)
+                image = torch.randn(1, tokens, width, generator=g).to(self.device, DTYPES[dtype])
+                with torch.no_grad():
+                    texts = (
+                        self.model(ta.AlbefForRetrieval, dtype, self.plan["image_size"])
+                        .text_model(ids, mask, mode="text")
+                        .last_hidden_state
+                    )
+                itm = lambda i, t, k, m=model: m.itm_logits_for_image(i, t, k)[:, 1]  # noqa: E731
+                call = CompiledCall(itm, (image, texts, mask), self.backend)
+                variants.append(Variant("ITM re-rank (1 image, k texts)", f"grouped (default), {tokens} image tokens, "
+                                        f"fusion compiled ({mode})", dtype, attn, k, k, "pairs/s", call, compiled=mode,
+                                        twin=self.twin(variants, dtype, attn, "grouped")))  # fmt: skip
             self.record(variants)
 
     def coco_projection(self) -> list[str]:
@@ -495,9 +647,12 @@ class Bench:
             "|---|---|---|---:|---:|---:|",
         ]
         for v in rows:
+            if v.error:
+                continue
             seconds = pairs / v.throughput
+            label = v.name.split(",")[0] + (f", fusion compiled ({v.compiled})" if v.compiled else "")
             lines.append(
-                f"| {v.name.split(',')[0]} | {v.dtype} | {v.attn} | {v.throughput:,.1f} | {format_duration(seconds)} "
+                f"| {label} | {v.dtype} | {v.attn} | {v.throughput:,.1f} | {format_duration(seconds)} "
                 f"| {v.throughput / base.throughput:.2f}x |"
             )
         return lines
@@ -536,6 +691,15 @@ class Bench:
                     baseline = (dtype, attn, path) == ("fp32", "eager", "uncached per-candidate")
                     variants.append(Variant("VQA (image + question + rank)", name, dtype, attn, batch, batch,
                                             "questions/s", fn, baseline=baseline))  # fmt: skip
+            for mode, dtype, attn in self.compile_combos("vqa"):
+                model = self.compiled_model(ta.AlbefForQuestionAnswering, dtype, self.plan["image_size"], attn, mode)
+                compiled = compile_fn(lambda *a, m=model: m.rank_answers(*a, k=k), mode, self.backend)
+                call = CompiledCall(compiled, (pixel_values.to(DTYPES[dtype]), ids, mask, answers, answer_mask),
+                                    self.backend)  # fmt: skip
+                variants.append(Variant("VQA (image + question + rank)", f"rank_answers (default), k={k} of "
+                                        f"{answers.shape[0]:,}, compiled ({mode})", dtype, attn, batch, batch,
+                                        "questions/s", call, compiled=mode,
+                                        twin=self.twin(variants, dtype, attn, "rank_answers")))  # fmt: skip
             self.record(variants)
 
     def rescore(self):
@@ -607,6 +771,34 @@ class Bench:
                 name = f"@{size}, AdamW {impl}" + (" (autocast)" if dtype != "fp32" else "")
                 variants.append(Variant("pre-training step", name, dtype, attn, batch, batch, "samples/s", step,
                                         baseline=(dtype, attn, impl) == ("fp32", "eager", "loop")))  # fmt: skip
+            # Gradient checkpointing and compiled forwards: copies of the model (same weights), each with its own
+            # optimiser state; memory is the peak allocated while the step runs (the other copies' state included).
+            extra = [("checkpointing", None)] if self.args.checkpointing else []
+            extra += [("compiled", mode) for mode, _, _ in self.compile_combos("pretrain")]
+            dtype = self.args.compile_dtype
+            attn = self.args.compile_attn
+            low = DTYPES[dtype] if dtype != "fp32" else None
+            for kind, mode in extra:
+                twin_model = copy.deepcopy(model)
+                set_attention(twin_model, attn)
+                if kind == "checkpointing":
+                    twin_model.activation_checkpointing_enable(
+                        activation_checkpointing_kwargs={"use_reentrant": False}
+                    )
+                    name = "AdamW fused, gradient checkpointing"
+                else:
+                    twin_model.compile(
+                        **(
+                            {"backend": self.backend}
+                            | ({"mode": mode} if self.backend == "inductor" and mode != "default" else {})
+                        )
+                    )
+                    name = f"AdamW fused, forward compiled ({mode})"
+                optimizer = self._optimizer(twin_model, "fused")
+                step = functools.partial(train_step, twin_model, optimizer, (pixel_values, ids, mask), attn, low)
+                name = f"@{size}, {name}" + (" (autocast)" if dtype != "fp32" else "")
+                variants.append(Variant("pre-training step", name, dtype, attn, batch, batch, "samples/s", step,
+                                        compiled=mode, twin=self.twin(variants, dtype, attn)))  # fmt: skip
             self.record(variants, self.plan.get("pretrain_repeats"))
             del model, variants, optimizer, step
 
@@ -714,6 +906,17 @@ def answer_probabilities(ids: torch.Tensor, probs: torch.Tensor, num_answers: in
     """`rank_answers`-style `(ids, probs)` as the probability of every answer in answer-list order (questions,
     num_answers), -100 where the k-best list left an answer out."""
     return torch.full((len(ids), num_answers), -100.0, device=ids.device).scatter_(1, ids, probs.float())
+
+
+def chunked_ranking(rank, model, pixel_values, ids, mask, answers, answer_mask, k: int, questions: int = 32):
+    """`rank(...)` (`(ids, probs)` per question) `questions` at a time: the uncached reference holds the vocabulary
+    logits of every candidate token of every question (400 questions: gigabytes)."""
+    parts = [
+        rank(model, pixel_values[i : i + questions], ids[i : i + questions], mask[i : i + questions], answers,
+             answer_mask, k=k)
+        for i in range(0, ids.shape[0], questions)
+    ]  # fmt: skip
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def agreement_checks(device: torch.device, scale: float, retrieval_path=None, vqa_path=None) -> list[dict]:
@@ -839,12 +1042,12 @@ def agreement_checks(device: torch.device, scale: float, retrieval_path=None, vq
     vqa_pixels, q_ids, q_mask, a_ids, a_mask = map(to, (vqa_pixels, q_ids, q_mask, a_ids, a_mask))
     k = min(128, a_ids.shape[0])
     with torch.no_grad():
-        want_ids, want_probs = uncached_ranking(vqa, vqa_pixels, q_ids, q_mask, a_ids, a_mask, k=k)
+        want_ids, want_probs = chunked_ranking(uncached_ranking, vqa, vqa_pixels, q_ids, q_mask, a_ids, a_mask, k)
         ranked_ids, ranked_probs = vqa.rank_answers(vqa_pixels, q_ids, q_mask, a_ids, a_mask, k=k)
         low = copy.deepcopy(vqa).to(torch.bfloat16)
         set_attention(low, "sdpa")
         low_pixels = to(vqa_pixels, torch.bfloat16)
-        low_eager = uncached_ranking(low, low_pixels, q_ids, q_mask, a_ids, a_mask, k=k)
+        low_eager = chunked_ranking(uncached_ranking, low, low_pixels, q_ids, q_mask, a_ids, a_mask, k)
         low = low.rank_answers(low_pixels, q_ids, q_mask, a_ids, a_mask, k=k)
     data = vqa_data
     # Each answer's probability compared (answers ranked in a different order by a near-tie still line up).
@@ -935,6 +1138,10 @@ def speed_table(rows: list[Variant], device: torch.device, peak_override: float 
     for v in rows:
         if v.baseline:
             baseline = v
+        if v.error:
+            lines.append(f"| {v.workload} | {v.name} | {v.dtype} | {v.attn} | {v.batch} | failed: {v.error} | - | 0 "
+                         "| - | - | - |")  # fmt: skip
+            continue
         ratio = v.throughput / baseline.throughput if baseline is not None else float("nan")
         peak = peak_tflops(device, v.dtype, peak_override)
         mfu = f"{v.flops / v.median / (peak * 1e12):.1%}" if v.flops and peak else "-"
@@ -943,6 +1150,61 @@ def speed_table(rows: list[Variant], device: torch.device, peak_override: float 
             f"| {v.median * 1e3:,.1f} | {len(v.times)} | {v.peak / 2**20:,.0f} | {mfu} | {ratio:.2f}x |"
         )
     return lines
+
+
+def compile_notes(rows: list[Variant]) -> list[str]:
+    """What inductor generated for each compiled variant's attention (read off its code at compilation)."""
+    notes = [f"- {v.workload}, {v.name}, {v.dtype} {v.attn}: {v.note}" for v in rows if v.compiled and v.note]
+    return ["Compiled variants (attention in inductor's generated code):", "", *notes] if notes else []
+
+
+DEFAULT_PATHS = {
+    "image embedding": None,
+    "text embedding": None,
+    "ITM re-rank (1 image, k texts)": "grouped (default)",
+    "VQA (image + question + rank)": "rank_answers (default)",
+    "VQA re-score (k candidates)": "cached decoder",
+}
+
+
+def default_vs_original(rows: list[Variant]) -> list[str]:
+    """The issue's CPU check: the default path (fp32; sdpa attention, the default, where measured; grouped ITM,
+    cached decoder) against the original computation (fp32, eager attention, per-pair ITM, uncached decoding), as a
+    time ratio at each batch size. fp32 only; not the compiled variants."""
+    lines = []
+    groups: dict = {}
+    for v in rows:
+        if v.workload in DEFAULT_PATHS and not v.compiled and not v.error and v.dtype == "fp32":
+            groups.setdefault((v.workload, v.batch), []).append(v)
+    for (workload, batch), group in groups.items():
+        original = next((v for v in group if v.baseline), None)
+        path = DEFAULT_PATHS[workload]
+        candidates = [v for v in group if path is None or v.name.startswith(path)]
+        default = next((v for v in candidates if v.attn == "sdpa"), None) or next(
+            (v for v in candidates if v.attn == "eager"), None
+        )
+        if original is None or default is None or default is original:
+            continue
+        ratio = default.median / original.median
+        if ratio <= 1.0:
+            verdict = "yes"
+        elif ratio <= 1.02:
+            verdict = f"within 2% ({ratio - 1:.1%} slower: run-to-run noise)"
+        else:
+            verdict = f"no, {ratio - 1:.0%} slower"
+        lines.append(
+            f"| {workload} | {batch} | {original.name}, {original.attn} | {original.median * 1e3:,.1f} "
+            f"| {default.name}, {default.attn} | {default.median * 1e3:,.1f} | {ratio:.2f}x | {verdict} |"
+        )
+    if not lines:
+        return []
+    return [
+        "Default path against the original computation (fp32; time ratio, lower is faster):",
+        "",
+        "| workload | batch | original | ms | default path | ms | time ratio | no slower? |",
+        "|---|---:|---|---:|---|---:|---:|---|",
+        *lines,
+    ]
 
 
 def check_table(results: list[dict]) -> list[str]:
@@ -969,7 +1231,11 @@ Measured by `benchmarks/speed.py` (its docstring says what each workload runs):
                                                              # ITM k=256, VQA batch 16 k=128, pre-training batch 64)
 
 Each run rewrites only its own section below (`<!-- speed:DEVICE-SIZE -->`) and keeps the rest of this file, such as
-the section of `benchmarks/one_path.py` (the model's one path against the computation it replaced, on the CPU). Rows
+the sections of `benchmarks/one_path.py` (the model's one path against the computation it replaced, on the CPU),
+`benchmarks/host_overhead.py` (host time and host synchronisations per call), `benchmarks/pretrain_profile.py` (where
+a pre-training step's time goes) and `benchmarks/pretrain_batch.py` (the largest batch that fits). The GPU
+measurements of the performance issue are one run of `benchmarks/gpu_session.sh` (about 9 minutes; its header says
+how to run it and merge its sections here). Rows
 are medians of synchronised runs after warm-up; the variants of a workload take turns, so a busy machine slows them
 alike. "vs fp32 eager" is the throughput ratio to the workload's first row (fp32, eager attention, original per-pair /
 uncached path / AdamW for-loop / EMA loop). MFU (GPU only) is the FLOPs counted by `torch.utils.flop_counter` over the
@@ -989,9 +1255,9 @@ for the issue's bf16 decision, run the checks on converted ALBEF checkpoints: `-
 """
 
 PENDING = {
-    "gpu-base": "_Pending a GPU session: `python benchmarks/speed.py --size base --device cuda --attn "
-    "eager,sdpa,flex_attention` fills this section. Under a per-command time limit, run groups of `--workloads` "
-    "with `--section gpu-base-NAME` each (e.g. `image,text,itm`, `vqa,rescore`, `pretrain,adamw,ema`)._",
+    "gpu-base": "_Pending a GPU session: `bash benchmarks/gpu_session.sh` (or `python benchmarks/speed.py --size base "
+    "--device cuda`) fills this section. Under a per-command time limit, run groups of `--workloads` with `--section "
+    "gpu-base-NAME` each (e.g. `image,text,itm`, `vqa,rescore`, `pretrain,adamw,ema`)._",
 }
 
 
@@ -1054,6 +1320,24 @@ def parse_args(argv=None):
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--note", action="append", default=[], help="a line for the section (e.g. machine load)")
+    parser.add_argument("--compile", default="", help="comma list of torch.compile modes to add as variants "
+                        "(default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs)")  # fmt: skip
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of those variants")
+    parser.add_argument(
+        "--compile-dtype", default=None, help="dtype of the compiled variants (default: bf16 on a GPU, else fp32)"
+    )
+    parser.add_argument("--compile-attn", default="sdpa", help="attention of the compiled variants")
+    parser.add_argument("--combos", default=None, help="comma list of DTYPE/ATTN pairs to run, e.g. "
+                        "fp32/eager,bf16/sdpa (the first must be fp32/eager: the baseline)")  # fmt: skip
+    parser.add_argument("--incremental", action="store_true", help="rewrite the section after each workload")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="add a pre-training variant with gradient checkpointing")  # fmt: skip
+    parser.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        help="seconds: workloads that would start later are skipped (and named in the section)",
+    )
     parser.add_argument(
         "--section",
         help="section name (default DEVICE-SIZE, e.g. gpu-base); a name that extends it, e.g. gpu-base-training, "
@@ -1067,6 +1351,15 @@ def parse_args(argv=None):
     unknown = [d for d in args.dtype if d not in DTYPES]
     if unknown:
         parser.error(f"unknown dtype(s) {unknown}")
+    args.compile = [m for m in args.compile.split(",") if m]
+    if args.combos:
+        args.combos = [tuple(pair.split("/")) for pair in args.combos.split(",") if pair]
+        if any(len(pair) != 2 or pair[0] not in DTYPES for pair in args.combos):
+            parser.error("--combos takes DTYPE/ATTN pairs, e.g. fp32/eager,bf16/sdpa")
+    if args.compile_dtype is None:
+        args.compile_dtype = "bf16" if str(args.device).startswith("cuda") else "fp32"
+    if args.compile_dtype not in DTYPES:
+        parser.error(f"unknown --compile-dtype {args.compile_dtype}")
     args.workloads = [w for w in args.workloads.split(",") if w]
     bad = [w for w in args.workloads if w not in WORKLOADS]
     if bad:
@@ -1092,28 +1385,51 @@ def main(argv=None) -> int:
     plan["repeats"] = args.repeats or plan["repeats"]
     plan["warmup"] = args.warmup if args.warmup is not None else plan["warmup"]
 
+    if args.combos:
+        plan["combos"] = args.combos
+        plan.pop("combos_by_batch", None)
+
     bench = Bench(args, plan)
     started = time.time()
+    skipped = []
+    key = args.section or f"{'gpu' if device.type == 'cuda' else 'cpu'}-{args.size}"
+
+    def render(checks, partial=""):
+        body = [f"## {key}", "", *environment(device), f"- plan: {plan_name}; wall time {time.time() - started:.0f} s"]
+        body += [f"- note: {note}" for note in args.note]
+        if partial:
+            body += [f"- partial: {partial}"]
+        if skipped:
+            body += [f"- skipped (over the {args.time_budget:.0f} s time budget): {', '.join(skipped)}"]
+        body += [""] + speed_table(bench.rows, device, args.peak_tflops) + [""]
+        for extra in (compile_notes(bench.rows), default_vs_original(bench.rows), bench.coco_projection()):
+            body += extra + ([""] if extra else [])
+        body += check_table(checks)
+        return "\n".join(body) + "\n"
+
     for name in WORKLOADS:
         if name in args.workloads:
+            if args.time_budget is not None and time.time() - started > args.time_budget:
+                skipped.append(name)
+                continue
             print(f"{name} ", end="", file=sys.stderr, flush=True)
             getattr(bench, name)()
             print(f" {time.time() - started:.0f}s", file=sys.stderr, flush=True)
             if name in ("text", "itm", "rescore"):
                 bench.drop_models()
+            if args.incremental and not args.no_write:
+                # A run stopped from outside (a time limit) keeps the workloads it finished.
+                update_file(args.output, key, render([], partial=f"written after {name}; the run went on"))
     bench.drop_models()
+    over_budget = args.time_budget is not None and time.time() - started > args.time_budget
     checks = (
-        [] if args.no_checks else agreement_checks(device, plan["check_scale"], args.check_retrieval, args.check_vqa)
+        []
+        if args.no_checks or over_budget
+        else agreement_checks(device, plan["check_scale"], args.check_retrieval, args.check_vqa)
     )
-
-    key = args.section or f"{'gpu' if device.type == 'cuda' else 'cpu'}-{args.size}"
-    body = [f"## {key}", "", *environment(device), f"- plan: {plan_name}; wall time {time.time() - started:.0f} s"]
-    body += [f"- note: {note}" for note in args.note] + [""]
-    body += speed_table(bench.rows, device, args.peak_tflops) + [""]
-    projection = bench.coco_projection()
-    body += projection + ([""] if projection else [])
-    body += check_table(checks)
-    text = "\n".join(body) + "\n"
+    if over_budget and not args.no_checks:
+        skipped.append("agreement checks")
+    text = render(checks)
     print(text)
     if not args.no_write:
         update_file(args.output, key, text)

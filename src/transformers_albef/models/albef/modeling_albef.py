@@ -276,12 +276,14 @@ class AlbefMomentum(nn.Module):
                 f"queue_size ({self.queue_size}) must be divisible by the global batch size ({batch} = "
                 f"{world_size()} process(es) x {image_feat.shape[0]}); change the batch size or queue_size"
             )
-        ptr = int(self.queue_ptr)
-        self.image_queue[:, ptr : ptr + batch] = image_feats.T
-        self.text_queue[:, ptr : ptr + batch] = text_feats.T
+        # The columns ptr .. ptr + batch - 1, found on the device: reading the pointer would synchronise with it.
+        columns = (self.queue_ptr + torch.arange(batch, device=self.queue_ptr.device)) % self.queue_size
+        self.image_queue.index_copy_(1, columns, image_feats.T.to(self.image_queue.dtype))
+        self.text_queue.index_copy_(1, columns, text_feats.T.to(self.text_queue.dtype))
         if image_ids is not None and hasattr(self, "idx_queue"):
-            self.idx_queue[:, ptr : ptr + batch] = gather_across_processes(image_ids.view(-1, 1)).T
-        self.queue_ptr[0] = (ptr + batch) % self.queue_size
+            ids = gather_across_processes(image_ids.view(-1, 1)).T.to(self.idx_queue.dtype)
+            self.idx_queue.index_copy_(1, columns, ids)
+        self.queue_ptr.add_(batch).remainder_(self.queue_size)
 
 
 # === base class ======================================================================================================
@@ -1447,17 +1449,20 @@ class AlbefForRetrieval(AlbefModel):
             per_group = pairs.shape[0] // images.shape[0]
             texts = text_index[pairs]
             used = max(1, int(used_length[texts].max()))
-            on_text_device = texts.to(text_states.device)
+            # Index tensors planned on the host go to the device without waiting for it (a blocking copy would
+            # synchronise the stream); the rows that are real pairs are picked by index, not by a device-side mask.
+            on_text_device = texts.to(text_states.device, non_blocking=True)
             fused = self.text_model(
                 text_embeds=text_states[on_text_device, :used].to(device),
                 attention_mask=text_attention_mask[on_text_device, :used].to(device),
-                encoder_hidden_states=image_states[images.to(device)],
+                encoder_hidden_states=image_states[images.to(device, non_blocking=True)],
                 mode="fusion",
                 group_size=per_group,
                 cls_only=True,
             ).last_hidden_state
-            keep = valid.to(device)
-            logits[pairs.to(device)[keep]] = self.itm_head(fused[:, 0])[keep].to(logits.dtype)
+            kept = valid.nonzero().flatten()
+            rows = torch.stack([pairs[kept], kept]).to(device, non_blocking=True)
+            logits[rows[0]] = self.itm_head(fused[:, 0]).index_select(0, rows[1]).to(logits.dtype)
         return logits
 
     @can_return_tuple
@@ -1566,8 +1571,9 @@ class AlbefForRetrieval(AlbefModel):
             cls_only=True,
         )
         itm_logits = self.itm_head(torch.cat([fused_pos[:, 0], fused_neg[:, 0]]))
-        itm_labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
-        loss_itm = F.cross_entropy(itm_logits, itm_labels.to(itm_logits.device))
+        labels_on = {"dtype": torch.long, "device": itm_logits.device}  # made there: a copy would synchronise
+        itm_labels = torch.cat([torch.ones(batch, **labels_on), torch.zeros(2 * batch, **labels_on)])
+        loss_itm = F.cross_entropy(itm_logits, itm_labels)
         return {
             "loss_itc": loss_itc,
             "loss_itm": loss_itm,
