@@ -47,7 +47,8 @@ def export(
     # Written next to the target and swapped in (`atomic_folder`): an interrupted or failed export (an error, Ctrl-C,
     # a full disk) never leaves half a model, and only an ALBEF model folder is ever replaced.
     with atomic_folder(output, overwrite=True, what="bundle folder") as staging:
-        model.to(torch.float16).save_pretrained(staging)
+        # Shards under 20 MB: the repository tracks no file over 25 MB.
+        model.to(torch.float16).save_pretrained(staging, max_shard_size="20MB")
         config = json.loads((staging / "config.json").read_text())
         config["dtype"] = "float32"
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
