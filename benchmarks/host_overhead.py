@@ -43,7 +43,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -59,6 +58,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 REPO = Path(__file__).resolve().parent.parent
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))  # speed.py, host_overhead.py: shared helpers
+import sections  # noqa: E402
+
 BEGIN, END = "<!-- host-overhead:cpu -->", "<!-- /host-overhead:cpu -->"
 
 
@@ -547,17 +548,6 @@ def table(paths: list[UserPath]) -> list[str]:
 
 
 # ----- report -------------------------------------------------------------------------------------------------------
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head}{' + uncommitted changes' if dirty else ''}" if head else "unknown"
-
-
 def section(args, paths: list[UserPath], wall: float) -> str:
     import transformers
 
@@ -571,7 +561,7 @@ def section(args, paths: list[UserPath], wall: float) -> str:
     lines = [
         f"## Host time per call and the host synchronisations a GPU would see ({args.key})",
         "",
-        f"- date: {datetime.date.today().isoformat()}; commit {commit()}",
+        f"- date: {datetime.date.today().isoformat()}; commit {sections.commit()}",
         f"- device: {cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads",
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, transformers-albef {transformers_albef.__version__}",
@@ -596,21 +586,7 @@ def section(args, paths: list[UserPath], wall: float) -> str:
 
 
 def write_section(path: Path, body: str, key: str = "cpu") -> None:
-    """Replace (or append) this script's section of `path`, keeping the rest (temporary file, then moved)."""
-    begin, end = markers(key)
-    block = f"{begin}\n{body.rstrip()}\n{end}\n"
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", flags=re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text + ("" if not text or text.endswith("\n") else "\n") + ("\n" if text.strip() else "") + block
-    temporary = path.with_name(f".{path.name}.host-overhead-{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    sections.write_section(path, f"host-overhead:{key}", body)
 
 
 def parse_args(argv=None):

@@ -29,9 +29,12 @@ import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -306,6 +309,67 @@ def describe(name: str, point: dict[str, float], pictures: int, chance: float) -
     return text
 
 
+# OpenClipart titles that name a collection or a kind of file, not the picture.
+CLIPART_NOISE = {"bw", "svg", "png", "clipart", "clip", "art", "icon", "remix", "version", "simple", "colour", "color"}
+
+
+def clipart_caption(title: str, path: str, words: set[str]) -> str | None:
+    """An OpenClipart title as a caption in the style of the emoji names ("zambia flag", "beach ball"), or None when
+    a word is not an English word of the vocabulary (the collection has Italian, French and made-up titles)."""
+    text = re.sub(r"^clipart by [^-]*-", " ", title.lower())
+    text = re.sub(r"\([^)]*\)", " ", re.sub(r"[_\-]+", " ", text))
+    kept = [w for w in re.sub(r"[^a-z ]+", " ", text).split() if len(w) > 1 and w not in CLIPART_NOISE]
+    if not kept or len(kept) > 6 or max(map(len, kept)) < 3 or not all(w in words for w in kept):
+        return None
+    if "/flags/" in path and "flag" not in kept:
+        kept.append("flag")  # the flags are titled with the country alone, the emoji "<country> flag"
+    return " ".join(kept)
+
+
+def export_openclipart(
+    root: Path, data: Path, vocab_file: Path, exclude: set[str] = frozenset(), per_title: int = 2, collection: int = 20
+) -> int:
+    """Adds OpenClipart (public domain; Debian's openclipart-svg + openclipart-png under `root`) to
+    `data/clipart.json`: each picture on white at IMAGE_SIZE px, captioned by its SVG's dc:title. Titles shared by
+    more than `collection` pictures name a collection ("lemon theme") and are dropped; at most `per_title` pictures
+    keep one title, so in-batch negatives are rarely the same text. Captions in `exclude` (the unseen emoji's names)
+    are left out, so that the unseen-emoji test stays a test of names never trained on."""
+    words = {w for w in vocab_file.read_text(encoding="utf-8").split() if w.isalpha()}
+    found = []
+    for svg in sorted((root / "svg").rglob("*.svg")):
+        match = re.search(r"<dc:title>\s*([^<]*?)\s*</dc:title>", svg.read_text(errors="ignore")[:30000])
+        png = root / "png" / svg.relative_to(root / "svg").with_suffix(".png")
+        caption = match and png.is_file() and clipart_caption(match.group(1), str(png), words)
+        if caption:
+            found.append((png, caption))
+    counts = Counter(caption for _, caption in found)
+    taken, records = Counter(), []
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    for png, caption in found:
+        if counts[caption] > collection or taken[caption] >= per_title or caption in exclude:
+            continue
+        name = "clipart_" + hashlib.sha1(str(png.relative_to(root)).encode()).hexdigest()[:16] + ".png"
+        if not (data / "images" / name).exists():
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    picture = Image.open(png)
+                    if picture.width * picture.height > 16_000_000:  # a poster-size render: skip, not 1 GB of RAM
+                        continue
+                    picture.load()
+            except (OSError, Image.DecompressionBombError):
+                continue
+            on_white(picture).save(data / "images" / name)
+        taken[caption] += 1
+        records.append({"image": name, "caption": caption})
+    (data / "clipart.json").write_text(json.dumps(records))
+    return len(records)
+
+
+def read_records(data: Path, held_out: str) -> list[dict]:
+    return json.loads((data / f"heldout_{held_out}.json").read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -342,6 +406,27 @@ def main() -> int:
         "names and the Latin characters (`transformers_albef.training.vocabulary`); its pruned copy of the text "
         "model goes to <output-dir>/text-init",
     )
+    parser.add_argument(
+        "--openclipart",
+        type=Path,
+        help="also train on OpenClipart (public domain): the folder holding Debian's openclipart svg/ and png/ "
+        "(`apt-get install openclipart-svg openclipart-png`; /usr/share/openclipart); needs --vocab-file or "
+        "--text-init (its words filter the titles)",
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="continue from a pre-trained model of this script (a checkpoint-N folder; --text-init then only names "
+        "the vocabulary of that model's text side)",
+    )
+    parser.add_argument("--vocab-file", type=Path, help="vocabulary of --init-from's text side (a vocab.txt)")
+    parser.add_argument(
+        "--augment",
+        type=float,
+        metavar="LOW",
+        help="train with ALBEF's augmentation (random crop of LOW..1 of the area, flip, RandAugment) instead of the "
+        "plain resize",
+    )
     args = parser.parse_args()
 
     data = args.output_dir / "data"
@@ -352,28 +437,41 @@ def main() -> int:
         counts = dict(zip(("train", *HELD_OUT), (len(json.loads((data / f"{n}.json").read_text())) for n in names)))
     else:
         parser.error(f"--twemoji is required: {data} holds no exported pairs to reuse")
-    print(f"pairs: {counts}", flush=True)
-    vocab_file = None
+    vocab_file = args.vocab_file
     if args.text_init and args.vocab_words is not None:
         args.text_init, vocab_file = prune_text_init(args.text_init, data, args.vocab_words, args.output_dir)
-    if args.text_init:
+    if args.init_from:
+        # The model's shape is the one it was trained with (the config saved beside its run).
+        config = ta.AlbefConfig.from_json_file(args.init_from.parent.parent / "config.json")
+    elif args.text_init:
         vocab_size = len((Path(args.text_init) / "vocab.txt").read_text(encoding="utf-8").splitlines())
         config = with_minilm_text(SMALL, args.text_layers, args.fusion_layers, vocab_size)
     else:
         config = SMALL
+    sources = [data / "train.json"]
+    if args.openclipart:
+        if vocab_file is None:
+            parser.error("--openclipart needs the vocabulary (--vocab-file, or --text-init with --vocab-words)")
+        unseen = {r["caption"] for name in HELD_OUT if name.startswith("unseen") for r in read_records(data, name)}
+        counts["openclipart"] = export_openclipart(args.openclipart, data, Path(vocab_file), exclude=unseen)
+        sources.append(data / "clipart.json")
+    print(f"pairs: {counts}", flush=True)
     config_path = args.output_dir / "config.json"
     config.to_json_file(config_path)
-    steps_per_epoch = counts["train"] // args.batch_size
+    pairs = counts["train"] + counts.get("openclipart", 0)
+    steps_per_epoch = pairs // args.batch_size
     every = steps_per_epoch * args.eval_every_epochs
     command = [
         sys.executable, "-m", "transformers_albef.training.pretrain",
-        "--train-data", str(data / "train.json"), "--image-root", str(data / "images"),
-        "--config", str(config_path), "--output-dir", str(args.output_dir / "pretrain"), "--no-augment",
+        "--train-data", *map(str, sources), "--image-root", str(data / "images"),
+        "--config", str(config_path), "--output-dir", str(args.output_dir / "pretrain"),
+        *(["--crop-scale", str(args.augment), "1.0"] if args.augment else ["--no-augment"]),
         "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
         "--alpha", str(args.alpha), "--warmup-steps", str(args.warmup_steps), "--save-steps", str(every),
         "--save-total-limit", "0", "--num-workers", str(args.num_workers), "--logging-steps", "20",
         *([] if torch.cuda.is_available() else ["--cpu"]),
-        *(["--text-init", args.text_init] if args.text_init else []),
+        *(["--init-from", str(args.init_from)] if args.init_from else []),
+        *(["--text-init", args.text_init] if args.text_init and not args.init_from else []),
         *(["--vocab-file", str(vocab_file)] if vocab_file else []),
     ]  # fmt: skip
     print(" ".join(command), flush=True)
@@ -402,15 +500,20 @@ def main() -> int:
     final = curve[-1]
     recalls = "; ".join(describe(name, final[name], len(held_out[name]), chances[name]) for name in HELD_OUT)
     start = "scratch"
-    if args.text_init:
+    if args.init_from:
+        start = f"{args.init_from} (continued)"
+    elif args.text_init:
         start = (
             f"the text encoder from {text_init_name(args.text_init)} ({config.text_config.fusion_layer} text + "
             f"{config.text_config.num_hidden_layers - config.text_config.fusion_layer} fusion layers, "
             f"{config.text_config.vocab_size}-entry vocabulary)"
         )
+    clipart = f" + {counts['openclipart']} OpenClipart" if "openclipart" in counts else ""
+    augmented = f"augmented (crop {args.augment:g}-1)" if args.augment else "no augmentation"
     row = (
         f"| {time.strftime('%Y-%m-%d')} | held-out emoji retrieval (%) | {recalls} | "
-        f"pre-training from {start}, k={args.k}, {counts['train']} pairs, {args.epochs} epochs, "
+        f"pre-training from {start}, k={args.k}, {counts['train']} pairs{clipart}, {args.epochs} epochs, "
+        f"{augmented}, "
         f"batch {args.batch_size}, lr {args.lr:g}, alpha {args.alpha:g} | "
         f"{minutes:.1f} min on {platform.machine()} ({os.cpu_count()} CPUs, "
         f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}) |"

@@ -36,7 +36,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -46,8 +45,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers beside this script
+import sections  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- one-path:cpu -->", "<!-- /one-path:cpu -->"
 ROWS = ("retrieval", "engine", "rank", "rank8", "generate")
 
 # What each size runs. `repeats` / `slow_repeats`: timed rounds (after one untimed run of each variant).
@@ -280,17 +282,6 @@ def generate_rows(model, plan, repeats) -> list[Row]:
 
 
 # ----- report -------------------------------------------------------------------------------------------------------
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head}{' + uncommitted changes' if dirty else ''}" if head else "unknown"
-
-
 def format_ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.1f}" if seconds < 10 else f"{seconds * 1e3:,.0f}"
 
@@ -322,7 +313,7 @@ def section(args, plan, rows: list[Row], wall: float) -> str:
     lines = [
         f"## The one path against the computation it replaced (CPU, {args.size})",
         "",
-        f"- date: {datetime.date.today().isoformat()}; commit {commit()}",
+        f"- date: {datetime.date.today().isoformat()}; commit {sections.commit()}",
         f"- device: {cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads",
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, transformers-albef {transformers_albef.__version__}",
@@ -346,22 +337,8 @@ def section(args, plan, rows: list[Row], wall: float) -> str:
 
 def write_section(path: Path, body: str) -> None:
     """Replace (or append) the one-path section of `path`, keeping the rest; a new file starts with speed.py's
-    header. Written to a temporary sibling file, then moved into place."""
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}\n"
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", flags=re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    elif text.strip():
-        text = text + ("" if text.endswith("\n") else "\n") + "\n" + block
-    else:
-        text = speed.HEADER + "\n" + block
-    temporary = path.with_name(f".{path.name}.one-path-{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    header."""
+    sections.write_section(path, "one-path:cpu", body, header=speed.HEADER)
 
 
 def parse_args(argv=None):

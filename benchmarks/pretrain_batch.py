@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -34,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))  # speed.py's helpers
+import sections  # noqa: E402
 
 
 def synchronize(device: torch.device):
@@ -176,20 +175,7 @@ def section(args, rows, stopped, elapsed) -> tuple[str, str]:
 
 
 def write_section(path: Path, key: str, body: str) -> None:
-    begin, end = f"<!-- pretrain-batch:{key} -->", f"<!-- /pretrain-batch:{key} -->"
-    block = f"{begin}\n{body.rstrip()}\n{end}\n"
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", flags=re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text + ("" if not text or text.endswith("\n") else "\n") + ("\n" if text.strip() else "") + block
-    temporary = path.with_name(f".{path.name}.pretrain-batch-{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    sections.write_section(path, f"pretrain-batch:{key}", body)
 
 
 def parse_args(argv=None):

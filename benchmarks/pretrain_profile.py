@@ -30,7 +30,6 @@ import datetime
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 if str(Path(__file__).parent) not in sys.path:
     sys.path.insert(0, str(Path(__file__).parent))  # speed.py, host_overhead.py: shared helpers
+import sections  # noqa: E402
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -284,17 +285,6 @@ def tables(prof, steps: int, gpu: bool) -> tuple[list[str], list[str], float]:
     return lines, op_lines, step_cpu
 
 
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head}{' + uncommitted changes' if dirty else ''}" if head else "unknown"
-
-
 def section(args, prof, wall, flops, peak, config, elapsed) -> tuple[str, str]:
     import transformers
 
@@ -319,7 +309,7 @@ def section(args, prof, wall, flops, peak, config, elapsed) -> tuple[str, str]:
     lines = [
         f"## Where a pre-training step's time goes ({key.upper()}, {args.size})",
         "",
-        f"- date: {datetime.date.today().isoformat()}; commit {commit()}",
+        f"- date: {datetime.date.today().isoformat()}; commit {sections.commit()}",
         f"- device: {hardware}",
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, transformers-albef {transformers_albef.__version__}",
@@ -343,20 +333,7 @@ def section(args, prof, wall, flops, peak, config, elapsed) -> tuple[str, str]:
 
 
 def write_section(path: Path, key: str, body: str) -> None:
-    begin, end = f"<!-- pretrain-profile:{key} -->", f"<!-- /pretrain-profile:{key} -->"
-    block = f"{begin}\n{body.rstrip()}\n{end}\n"
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", flags=re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text + ("" if not text or text.endswith("\n") else "\n") + ("\n" if text.strip() else "") + block
-    temporary = path.with_name(f".{path.name}.pretrain-profile-{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    sections.write_section(path, f"pretrain-profile:{key}", body)
 
 
 def parse_args(argv=None):

@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -46,8 +45,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+if str(Path(__file__).parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).parent))  # the shared helpers beside this script
+import sections  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- retrieval-scale -->", "<!-- /retrieval-scale -->"
 PLANS = {
     "full": dict(count=1_000_000, dim=256, queries=30, batch=1024, recall_queries=256, shard_size=4096, images=2048,
                  ann={"ivf": {}, "hnsw": {"M": 16}, "pq": {}, "ivfpq": {}}),
@@ -360,23 +362,8 @@ def render(plan: dict, size: str, builds: list[dict], searches: list[dict], two:
 
 
 def write_section(path: Path, body: str) -> None:
-    """Replace (or append) this script's section of `path`, keeping the rest; written to a temporary sibling, then
-    moved into place."""
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}\n"
-    text = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", flags=re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    elif text.strip():
-        text = text + ("" if text.endswith("\n") else "\n") + "\n" + block
-    else:
-        text = "# Benchmarks\n\n" + block
-    temporary = path.with_name(f".{path.name}.retrieval-scale-{os.getpid()}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    """Replace (or append) this script's section of `path`, keeping the rest."""
+    sections.write_section(path, "retrieval-scale", body, header="# Benchmarks\n")
 
 
 def main(argv=None) -> int:

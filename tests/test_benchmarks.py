@@ -1,6 +1,7 @@
 """benchmarks/speed.py and benchmarks/one_path.py: tiny runs end to end (into a temporary file, never the repository's
 BENCHMARKS.md) and the section bookkeeping of the benchmark file."""
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -167,6 +168,75 @@ def test_easy_vqa_captions_come_from_the_training_answers():
     )
     captions = module.training_captions(questions, answers, image_ids, colours)
     assert captions == {0: "a brown rectangle", 1: "a blue triangle", 2: "a red shape", 3: "a circle"}
+
+
+@functools.cache
+def _learn_emoji_retrieval():
+    spec = importlib.util.spec_from_file_location(
+        "albef_learn_emoji_retrieval_script", REPO / "benchmarks" / "learn_emoji_retrieval.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_openclipart_titles_become_emoji_style_captions():
+    """OpenClipart's dc:title is free text: prefixes, file-name noise, digits and non-English titles must not become
+    captions; flags get the emoji's "<country> flag" form."""
+    learn = _learn_emoji_retrieval()
+    words = {
+        "bee",
+        "arrow",
+        "right",
+        "red",
+        "rhinoceros",
+        "zambia",
+        "flag",
+        "beach",
+        "ball",
+        "part",
+        "of",
+        "the",
+        "flat",
+    }
+    caption = learn.clipart_caption
+    assert caption("Clipart by Nicu Buculei - bee", "food/honey.png", words) == "bee"
+    assert caption("arrow-right-red", "computer/buttons/arrow.png", words) == "arrow right red"
+    assert caption("Rhinoceros 3D", "animals/rhinoceros_3d_01.png", words) == "rhinoceros"
+    assert caption("beach_ball (remix) 02", "recreation/toys/beach_ball_01.png", words) == "beach ball"
+    assert caption("zambia", "signs_and_symbols/flags/africa/zambia.png", words) == "zambia flag"
+    assert caption("Lattine di birra", "food/beverages/lattine.png", words) is None  # not English
+    assert caption("01", "x.png", words) is None and caption("", "x.png", words) is None
+
+
+def test_openclipart_export_drops_collections_and_caps_titles(tmp_path):
+    """Titles shared by a whole collection are dropped, one title keeps at most `per_title` pictures, and every kept
+    picture is written on white at the training size, listed in clipart.json (original ALBEF format)."""
+    import json
+
+    from PIL import Image
+
+    learn = _learn_emoji_retrieval()
+    root, data = tmp_path / "openclipart", tmp_path / "data"
+    titles = {f"theme/icon{i}": "Lemon theme" for i in range(4)}
+    titles.update({f"animals/tiger{i}": "Tiger" for i in range(3)})
+    titles["animals/owl"] = "Owl on branch"
+    titles["animals/goat"] = "Goat"  # an unseen emoji's name: excluded
+    for name, title in titles.items():
+        (root / "svg" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "png" / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / "svg" / f"{name}.svg").write_text(f"<svg><metadata><dc:title>{title}</dc:title></metadata></svg>")
+        Image.new("RGBA", (30, 20), (200, 0, 0, 255)).save(root / "png" / f"{name}.png")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "lemon", "theme", "tiger", "owl", "on", "branch", "goat", "##s"]))
+    count = learn.export_openclipart(root, data, vocab, exclude={"goat"}, per_title=2, collection=3)
+    records = json.loads((data / "clipart.json").read_text())
+    assert count == len(records) == 3
+    assert sorted(r["caption"] for r in records) == ["owl on branch", "tiger", "tiger"]
+    for record in records:
+        picture = Image.open(data / "images" / record["image"])
+        assert picture.size == (learn.IMAGE_SIZE, learn.IMAGE_SIZE) and picture.mode == "RGB"
+        assert picture.getpixel((0, 0)) == (255, 255, 255)  # padded on white, not black
 
 
 @pytest.mark.gpu

@@ -349,3 +349,63 @@ def test_streaming_run_resumes_exactly(tmp_path):
     resumed = load_file(tmp_path / "resumed" / "checkpoint-5" / "model.safetensors")
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
+
+
+def test_init_from_starts_from_every_weight_and_a_fresh_schedule(tmp_path):
+    """`--init-from` (the original's `--checkpoint` without `--resume`) loads every weight of a run's final folder or
+    checkpoint, momentum towers and queues included, and trains on with a new schedule from step 0; a folder that
+    does not fit the configured model is refused, naming the keys."""
+    from safetensors.torch import load_file
+
+    data, config = write_pairs(tmp_path / "data", count=16), write_config(tmp_path / "tiny.json", queue_size=16)
+    first = tmp_path / "first"
+    with fresh_accelerate():
+        assert main(cli_args(data, config, first, batch_size=4, max_steps=2, save_steps=0, save_final_model=True)) == 0
+    checkpoint = first / "checkpoint-2"
+    saved = load_file(checkpoint / "model.safetensors")
+
+    args = PretrainingArguments(
+        train_data=[str(data)], output_dir=str(tmp_path / "second"), config=str(config), image_size=32,
+        init_from=str(checkpoint),
+    )  # fmt: skip
+    model = build_model(args, build_config(args))
+    state = model.state_dict()
+    assert set(saved) <= set(state) and len(saved) > 0.9 * len(state)  # the tied MLM decoder is saved once
+    assert torch.equal(state["mlm_head.decoder.weight"], saved["text_model.embeddings.word_embeddings.weight"])
+    for key, value in saved.items():
+        assert torch.equal(state[key], value), key
+    assert int(model.momentum.queue_ptr) == int(saved["momentum.queue_ptr"]) == 8
+    # The sharded save_pretrained layout of the final folder loads the same weights.
+    AlbefForPreTraining.from_pretrained(first / "final").save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    args.init_from = str(tmp_path / "sharded")
+    resharded = build_model(args, build_config(args)).state_dict()
+    assert all(torch.equal(resharded[key], value) for key, value in saved.items())
+
+    second = tmp_path / "second"
+    with fresh_accelerate():
+        assert main(cli_args(data, config, second, batch_size=4, max_steps=1, init_from=str(checkpoint))) == 0
+    assert [row["step"] for row in read_metrics(second)] == [1]
+    assert read_metrics(second)[0]["lr"] == pytest.approx(AlbefLRSchedule(warmup_steps=2, total_steps=1)(0))
+
+    bigger = json.loads(config.read_text())
+    bigger["text_config"]["hidden_size"] *= 2
+    (tmp_path / "bigger.json").write_text(json.dumps(bigger))
+    args = PretrainingArguments(
+        train_data=[str(data)], output_dir=str(tmp_path / "x"), config=str(tmp_path / "bigger.json"), image_size=32,
+        init_from=str(checkpoint),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="does not fit the configured model.*text_model"):
+        build_model(args, build_config(args))
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        PretrainingArguments(train_data=[str(data)], output_dir=str(tmp_path / "x"), init_from=str(tmp_path))
+    with pytest.raises(ValueError, match="without --vision-init / --text-init"):
+        PretrainingArguments(
+            train_data=[str(data)], output_dir=str(tmp_path / "x"), init_from=str(checkpoint), text_init="bert"
+        )
+
+
+@pytest.mark.parametrize("scale", [[0.0, 1.0], [0.8, 0.5], [0.5]])
+def test_crop_scale_is_checked(tmp_path, scale):
+    with pytest.raises(ValueError, match="--crop-scale"):
+        PretrainingArguments(train_data=["x"], output_dir=str(tmp_path), crop_scale=scale)

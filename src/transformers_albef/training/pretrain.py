@@ -129,9 +129,23 @@ class PretrainingArguments:
     )
     vision_init: str | None = field(default=None, metadata={"help": "timm/DeiT ViT state dict (.pth/.safetensors)."})
     text_init: str | None = field(default=None, metadata={"help": "HF BERT folder (e.g. bert-base-uncased)."})
+    init_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from a pre-trained ALBEF (a checkpoint-N or final folder of this tool): every weight, "
+            "momentum towers and queues included; the schedule starts anew (the original's --checkpoint without "
+            "--resume)."
+        },
+    )
     vocab_file: str | None = field(default=None, metadata={"help": "WordPiece vocab (default: bundled bert-base)."})
     max_length: int = field(default=25, metadata={"help": "Caption length in tokens ([CLS] included)."})
     augment: bool = field(default=True, metadata={"help": "Random crop/flip/RandAugment (--no-augment: resize)."})
+    crop_scale: list[float] = field(
+        default_factory=lambda: [0.2, 1.0],
+        metadata={
+            "help": "Area range of the random crop (the original's pre-training: 0.2 1.0; fine-tuning: 0.5 1.0)."
+        },
+    )
     batch_size: int = field(default=64, metadata={"help": "Pairs per device per micro-batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimiser step."})
     epochs: int = field(default=30, metadata={"help": "Epochs (ignored when --max-steps is set)."})
@@ -214,6 +228,12 @@ class PretrainingArguments:
                 raise ValueError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.weight_decay < 0 or (self.max_grad_norm is not None and self.max_grad_norm < 0):
             raise ValueError("--weight-decay and --max-grad-norm must not be negative")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"--crop-scale must be two numbers 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.init_from is not None and self.vision_init is None and self.text_init is None:
+            find_model_weights(self.init_from)  # a missing or empty folder is an error now, not after the data loads
+        elif self.init_from is not None:
+            raise ValueError("--init-from already holds every weight: give it without --vision-init / --text-init")
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise ValueError(f"--resume {self.resume}: expected auto, never, or a checkpoint folder (not found)")
 
@@ -341,10 +361,56 @@ def load_vision_init(model: AlbefForPreTraining, path: str | os.PathLike) -> dic
     return {"loaded": loaded, "random": random_keys, "unused": unused}
 
 
+def find_model_weights(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors files holding a model's weights in a checkpoint or `save_pretrained` folder (sharded or
+    not)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"--init-from {folder}: not a folder (expected a checkpoint-N or final folder of a run)")
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise ValueError(f"--init-from {folder}: the index names shards that are missing: {missing}")
+        return [folder / name for name in shards]
+    raise ValueError(f"--init-from {folder}: no model.safetensors (or its sharded index) in the folder")
+
+
+def load_init_from(model: AlbefForPreTraining, folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Every weight of a pre-trained ALBEF, momentum towers and queues included (strict: a key or shape that does not
+    match the configured model is an error naming it)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in find_model_weights(folder):
+        state.update(load_file(path))
+    expected = model.state_dict()
+    # Tied weights (the MLM decoder is the word embeddings) are saved once; the other name shares its storage.
+    loaded_storage = {expected[k].data_ptr() for k in state if k in expected}
+    missing = sorted(k for k in set(expected) - set(state) if expected[k].data_ptr() not in loaded_storage)
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: {tuple(state[k].shape)} in the folder, {tuple(v.shape)} here" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]  # fmt: skip
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"--init-from {folder} does not fit the configured model (--config / --preset): "
+            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}, shapes {shapes[:5]}"
+        )
+    model.load_state_dict(state, strict=False)
+    return {"loaded": sorted(state), "random": [], "unused": []}
+
+
 def build_model(args: PretrainingArguments, config: AlbefConfig) -> AlbefForPreTraining:
     kwargs = {"attn_implementation": args.attn_implementation} if args.attn_implementation else {}
     model = AlbefForPreTraining._from_config(config, **kwargs) if kwargs else AlbefForPreTraining(config)
     reports = {}
+    if args.init_from:
+        reports["init_from"] = load_init_from(model, args.init_from)
     if args.vision_init:
         reports["vision_init"] = load_vision_init(model, args.vision_init)
     if args.text_init:
@@ -432,7 +498,9 @@ def build_collator(args: PretrainingArguments, processor: AlbefProcessor, config
     from .transforms import albef_eval_transform, albef_train_transform
 
     size = config.vision_config.image_size
-    transform = albef_train_transform(size) if args.augment else albef_eval_transform(size)
+    transform = (
+        albef_train_transform(size, scale=tuple(args.crop_scale)) if args.augment else albef_eval_transform(size)
+    )
     return PretrainingCollator(
         processor,
         transform,
