@@ -1,8 +1,6 @@
 """benchmarks/speed.py and benchmarks/one_path.py: tiny runs end to end (into a temporary file, never the repository's
 BENCHMARKS.md) and the section bookkeeping of the benchmark file."""
 
-import functools
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,17 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.scripts import load_script
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "speed.py"
 
 
 @pytest.fixture(scope="module")
 def speed():
-    spec = importlib.util.spec_from_file_location("albef_speed_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/speed.py")
 
 
 def test_tiny_run_writes_its_table(tmp_path):
@@ -152,9 +148,7 @@ def test_synthetic_inputs_look_like_the_real_ones(speed):
 def test_easy_vqa_captions_come_from_the_training_answers():
     """The caption pre-training of learn_easy_vqa.py reads each image's shape and colour off its own questions and
     answers, negations included ("is no yellow shape present?" -> "yes" says yellow is absent)."""
-    spec = importlib.util.spec_from_file_location("albef_learn_easy_vqa", REPO / "benchmarks" / "learn_easy_vqa.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("benchmarks/learn_easy_vqa.py")
     colours = ["red", "blue", "yellow", "brown"]
     questions, answers, image_ids = zip(
         ("what shape is present?", "rectangle", 0),
@@ -170,20 +164,10 @@ def test_easy_vqa_captions_come_from_the_training_answers():
     assert captions == {0: "a brown rectangle", 1: "a blue triangle", 2: "a red shape", 3: "a circle"}
 
 
-@functools.cache
-def _learn_emoji_retrieval():
-    spec = importlib.util.spec_from_file_location(
-        "albef_learn_emoji_retrieval_script", REPO / "benchmarks" / "learn_emoji_retrieval.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_openclipart_titles_become_emoji_style_captions():
     """OpenClipart's dc:title is free text: prefixes, file-name noise, digits and non-English titles must not become
     captions; flags get the emoji's "<country> flag" form."""
-    learn = _learn_emoji_retrieval()
+    learn = load_script("benchmarks/learn_emoji_retrieval.py")
     words = {
         "bee",
         "arrow",
@@ -216,7 +200,7 @@ def test_openclipart_export_drops_collections_and_caps_titles(tmp_path):
 
     from PIL import Image
 
-    learn = _learn_emoji_retrieval()
+    learn = load_script("benchmarks/learn_emoji_retrieval.py")
     root, data = tmp_path / "openclipart", tmp_path / "data"
     titles = {f"theme/icon{i}": "Lemon theme" for i in range(4)}
     titles.update({f"animals/tiger{i}": "Tiger" for i in range(3)})

@@ -2,12 +2,12 @@
 end to end into a temporary file, and the sync counts of the model's hot paths (regressions show up here, on the
 CPU, before any GPU run)."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.scripts import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "host_overhead.py"
@@ -15,11 +15,7 @@ SCRIPT = REPO / "benchmarks" / "host_overhead.py"
 
 @pytest.fixture(scope="module")
 def host():
-    spec = importlib.util.spec_from_file_location("albef_host_overhead_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/host_overhead.py")
 
 
 def test_sync_counter_follows_device_tensors(host):

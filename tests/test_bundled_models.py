@@ -4,7 +4,6 @@ when they were trained, on data they never saw (emoji drawings held out of pre-t
 The thresholds sit a little under the measured values (model_cards/bundled-*.md): a regression in the model code,
 the processor or the weights fails here."""
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -15,6 +14,7 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 import transformers_albef as ta
+from tests.scripts import load_script
 from transformers_albef.retrieval import recall_at_k, retrieval_score_matrices
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,20 +123,10 @@ def test_vqa_accuracy_on_easy_vqa_test_questions():
     assert accuracy >= VQA_ACCURACY
 
 
-def _learn_emoji_retrieval():
-    """benchmarks/learn_emoji_retrieval.py: the evaluation the LEARNING.md rows and the model card quote."""
-    spec = importlib.util.spec_from_file_location(
-        "albef_learn_emoji_retrieval", REPO / "benchmarks" / "learn_emoji_retrieval.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def new_drawings_evaluation():
     """The bundled retrieval model on the 188 held-out Noto drawings: recalls, ITM calibration, pointing game."""
-    learn = _learn_emoji_retrieval()
+    learn = load_script("benchmarks/learn_emoji_retrieval.py")
     path = ta.bundled_model_path("retrieval")
     model = ta.AlbefForRetrieval.from_pretrained(path).eval()
     processor = ta.AlbefProcessor.from_pretrained(path)

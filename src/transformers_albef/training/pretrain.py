@@ -230,10 +230,10 @@ class PretrainingArguments:
             raise ValueError("--weight-decay and --max-grad-norm must not be negative")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"--crop-scale must be two numbers 0 < low <= high <= 1, got {self.crop_scale}")
-        if self.init_from is not None and self.vision_init is None and self.text_init is None:
+        if self.init_from is not None:
+            if self.vision_init is not None or self.text_init is not None:
+                raise ValueError("--init-from already holds every weight: give it without --vision-init / --text-init")
             find_model_weights(self.init_from)  # a missing or empty folder is an error now, not after the data loads
-        elif self.init_from is not None:
-            raise ValueError("--init-from already holds every weight: give it without --vision-init / --text-init")
         if self.resume not in ("auto", "never") and not Path(self.resume).is_dir():
             raise ValueError(f"--resume {self.resume}: expected auto, never, or a checkpoint folder (not found)")
 
