@@ -185,6 +185,7 @@ def evaluate(model, processor, records: list[dict], image_root: Path, k: int) ->
     result["itm_true_above_half"] = 100.0 * probabilities["positive"].gt(0.5).float().mean().item()
     negatives = torch.cat([probabilities["hardest_text"], probabilities["hardest_image"]])
     result["itm_hardest_negative_below_half"] = 100.0 * negatives.lt(0.5).float().mean().item()
+    result["itm_hardest_auc"], result["itm_best_threshold_rate"] = separation(probabilities["positive"], negatives)
     mask_root = image_root.parent / "masks"
     if all((mask_root / r["image"]).exists() for r in records):
         masks = [Image.open(mask_root / r["image"]).convert("L") for r in records]
@@ -194,6 +195,18 @@ def evaluate(model, processor, records: list[dict], image_root: Path, k: int) ->
             game = pointing_game_of(model, processor, pictures, object_masks, captions)
             result[f"pointing_game{key}"], result[f"pointing_chance{key}"] = game
     return result
+
+
+def separation(positive: torch.Tensor, negative: torch.Tensor) -> tuple[float, float]:
+    """How well p(match) separates true pairs from negatives, in %: the AUC (share of (true, negative) pairs ordered
+    correctly, ties half), and the best rate that one threshold reaches on both sides at once. A threshold shift
+    cannot calibrate a head whose AUC is low: this says whether re-weighting could ever meet a calibration target."""
+    order = (positive[:, None] > negative[None, :]).float() + 0.5 * (positive[:, None] == negative[None, :]).float()
+    thresholds = torch.cat([positive, negative]).unique()
+    true_above = (positive[None, :] >= thresholds[:, None]).float().mean(1)
+    negative_below = (negative[None, :] < thresholds[:, None]).float().mean(1)
+    best = torch.minimum(true_above, negative_below).max()
+    return 100.0 * order.mean().item(), 100.0 * best.item()
 
 
 def placed(images: list[Image.Image], masks: list[Image.Image], seed: int = 0):
@@ -299,7 +312,9 @@ def describe(name: str, point: dict[str, float], pictures: int, chance: float) -
         f"R@1/5/10 {point['img_r1']:.1f}/{point['img_r5']:.1f}/{point['img_r10']:.1f}, "
         f"image→text {point['txt_r1']:.1f}/{point['txt_r5']:.1f}/{point['txt_r10']:.1f} "
         f"(ITC alone: text→image R@5 {point['itc_img_r5']:.1f}); ITM p>0.5 on {point['itm_true_above_half']:.0f} % "
-        f"of true pairs, p<0.5 on {point['itm_hardest_negative_below_half']:.0f} % of hardest negatives"
+        f"of true pairs, p<0.5 on {point['itm_hardest_negative_below_half']:.0f} % of hardest negatives "
+        f"(AUC {point['itm_hardest_auc']:.1f}, best single threshold {point['itm_best_threshold_rate']:.0f} / "
+        f"{point['itm_best_threshold_rate']:.0f})"
     )
     if "pointing_game" in point:
         text += (

@@ -164,6 +164,17 @@ def test_easy_vqa_captions_come_from_the_training_answers():
     assert captions == {0: "a brown rectangle", 1: "a blue triangle", 2: "a red shape", 3: "a circle"}
 
 
+def test_itm_separation_is_the_auc_and_the_best_single_threshold():
+    """True pairs vs negatives: AUC counts ordered (true, negative) pairs, ties half; the best threshold is the one
+    whose worse side is best."""
+    separation = load_script("benchmarks/learn_emoji_retrieval.py").separation
+    assert separation(torch.tensor([0.8, 0.9]), torch.tensor([0.1, 0.2])) == (100.0, 100.0)
+    assert separation(torch.tensor([0.1]), torch.tensor([0.9])) == (0.0, 0.0)
+    assert separation(torch.tensor([0.5]), torch.tensor([0.5]))[0] == 50.0
+    auc, best = separation(torch.tensor([0.3, 0.6, 0.9]), torch.tensor([0.2, 0.5, 0.7]))
+    assert auc == pytest.approx(600 / 9) and best == pytest.approx(200 / 3)  # threshold 0.6: 2/3 on each side
+
+
 def test_openclipart_titles_become_emoji_style_captions():
     """OpenClipart's dc:title is free text: prefixes, file-name noise, digits and non-English titles must not become
     captions; flags get the emoji's "<country> flag" form."""

@@ -31,6 +31,8 @@ RETRIEVAL_TEXT_TO_IMAGE_R5 = {"emoji_new_drawings_noto.json": 60.0, "emoji_unsee
 # asks 80 / 80: not met yet, see benchmarks/LEARNING.md); pointing game 87.8 as drawn (chance 64.2), 93.6 at half
 # size placed at random (chance 16.1).
 ITM_TRUE_ABOVE_HALF, ITM_HARDEST_NEGATIVE_BELOW_HALF = 35.0, 72.0
+# AUC true pairs vs hardest negatives measured 67.5 %: why no threshold reaches 80 / 80 (best one: 64 / 64).
+ITM_HARDEST_AUC = 62.0
 POINTING_GAME, POINTING_GAME_PLACED = 80.0, 85.0
 VQA_ACCURACY = 0.92  # measured 0.9416 on these 924 questions (0.9514 on the full easy-vqa test split)
 
@@ -140,6 +142,10 @@ def test_itm_is_calibrated_on_held_out_pairs(new_drawings_evaluation):
     print({key: round(value, 1) for key, value in result.items() if key.startswith("itm_")})
     assert result["itm_true_above_half"] >= ITM_TRUE_ABOVE_HALF
     assert result["itm_hardest_negative_below_half"] >= ITM_HARDEST_NEGATIVE_BELOW_HALF
+    assert result["itm_hardest_auc"] >= ITM_HARDEST_AUC
+    assert result["itm_best_threshold_rate"] >= min(
+        result["itm_true_above_half"], result["itm_hardest_negative_below_half"]
+    )
 
 
 def test_grounding_points_at_the_object(new_drawings_evaluation):
